@@ -1,0 +1,101 @@
+"""The `lmforge` command: a table of commands, each a config dataclass and the function that runs it.
+
+Flags are generated from the dataclass fields by `tyro` (`lmforge pretrain --help` lists them with their
+docstrings). Commands are nouns then verbs where a noun has several (`lmforge eval perplexity`). Errors the
+user can cause print one line and exit with status 2; nothing else is caught.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass
+
+# command words -> ("module:ConfigClass", "module:function", one-line help)
+COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
+    ("run",): ("lmforge.pipeline:RunConfig", "lmforge.pipeline:run",
+               "the whole recipe on the embedded world (or --quick), ending in a report"),
+    ("world", "export"): ("lmforge.data.world:ExportConfig", "lmforge.data.world:run_export",
+                          "write the embedded world's corpus and facts as files"),
+    ("pretrain",): ("lmforge.train.pretrain:PretrainConfig", "lmforge.train.pretrain:pretrain",
+                    "tokenizer + corpus + preset -> checkpoint, by next-token prediction"),
+    ("eval", "perplexity"): ("lmforge.evaluate.perplexity:PerplexityConfig", "lmforge.evaluate.perplexity:run",
+                             "perplexity and bits per byte of a checkpoint on a text file"),
+    ("info",): ("lmforge.cli:InfoConfig", "lmforge.cli:info",
+                "parameters and FLOPs of a preset or a checkpoint"),
+}
+
+
+@dataclass(frozen=True)
+class InfoConfig:
+    preset: str = ""
+    """A preset name (see the list printed without arguments)."""
+    model: str = ""
+    """A checkpoint directory."""
+    seq_len: int = 0
+    """Sequence length for the FLOPs count; 0: the context length."""
+
+
+def info(cfg: InfoConfig) -> None:
+    import json
+
+    from lmforge.model import PRESETS, count_parameters, flops_per_token, get_preset
+
+    if cfg.model:
+        from lmforge.checkpoint import model_config_from_dict, read_record
+
+        record = read_record(cfg.model)
+        model_cfg = model_config_from_dict(record["configs"]["model"])
+        print(json.dumps({"kind": record["kind"], "lineage": record["lineage"], "metrics": record["metrics"]}, indent=2))
+    elif cfg.preset:
+        model_cfg = get_preset(cfg.preset)
+    else:
+        for name, preset in PRESETS.items():
+            n = count_parameters(preset)["total"]
+            print(f"{name:12s} {n / 1e6:12.2f}M  layers={preset.n_layers:<3d} d_model={preset.d_model:<6d} "
+                  f"heads={preset.n_heads}/{preset.n_kv_heads} context={preset.max_seq_len}")
+        return
+    counts = count_parameters(model_cfg)
+    seq_len = cfg.seq_len or model_cfg.max_seq_len
+    print(json.dumps({**counts, "flops_per_token": flops_per_token(model_cfg, seq_len), "seq_len": seq_len,
+                      "config": model_cfg.__dict__}, indent=2))
+
+
+def _load(ref: str):
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _usage() -> str:
+    lines = ["usage: lmforge COMMAND [--help] [FLAGS]", "", "commands:"]
+    for words, (_, _, help_text) in COMMANDS.items():
+        lines.append(f"  {' '.join(words):20s} {help_text}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import tyro
+
+    from lmforge.errors import UserError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    match = max((words for words in COMMANDS if tuple(argv[: len(words)]) == words), key=len, default=None)
+    if match is None:
+        print(_usage(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    config_ref, function_ref, help_text = COMMANDS[match]
+    prog = "lmforge " + " ".join(match)
+    try:
+        cfg = tyro.cli(_load(config_ref), args=argv[len(match):], prog=prog, description=help_text)
+        _load(function_ref)(cfg)
+    except UserError as e:
+        print(f"lmforge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmforge: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: the embedded world, corpora, instructions, preferences."""

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, task harness, judges, arena ratings, reports."""

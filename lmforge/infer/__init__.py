@@ -1,0 +1,1 @@
+"""Inference: sampling, the engine, scoring, prompting."""
