@@ -133,7 +133,7 @@ def rope_cos_sin(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.T
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, H, T, hd) by position; cos/sin are (B, 1, T, hd).
+    """Rotate x (B, H, T, hd) by position; cos/sin are (B or 1, 1, T, hd).
 
     Pairs are (i, i + hd/2), not adjacent entries: that is the layout of `transformers`' Llama, so weights
     move between the two without permuting q_proj/k_proj rows.
@@ -272,9 +272,12 @@ class Transformer(nn.Module):
                 raise BadConfigError(
                     f"sequence of {past + T} tokens is longer than the model's context ({self.cfg.max_seq_len})"
                 )
-            position_ids = torch.arange(past, past + T, device=input_ids.device).unsqueeze(0).expand(B, T)
-        cos = self.rope_cos[position_ids].unsqueeze(1)  # (B, 1, T, hd)
-        sin = self.rope_sin[position_ids].unsqueeze(1)
+            # Every row at the same positions: a slice of the tables, broadcast over the batch (no gather).
+            cos = self.rope_cos[past:past + T][None, None]  # (1, 1, T, hd)
+            sin = self.rope_sin[past:past + T][None, None]
+        else:
+            cos = self.rope_cos[position_ids].unsqueeze(1)  # (B, 1, T, hd)
+            sin = self.rope_sin[position_ids].unsqueeze(1)
         x = self.embed_tokens(input_ids)  # (B, T, d)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, attn_mask, kv_cache, i)

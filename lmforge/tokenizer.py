@@ -58,9 +58,9 @@ def _new_bpe() -> HFTokenizer:
     return tok
 
 
-def train_tokenizer(texts: Iterable[str] | list[str | Path], vocab_size: int, min_frequency: int = 2) -> "Tokenizer":
-    """Train a byte-level BPE of `vocab_size` tokens (specials included) from an iterator of strings or a list
-    of plain-text file paths."""
+def train_tokenizer(texts: Iterable[str] | list[Path], vocab_size: int, min_frequency: int = 2) -> "Tokenizer":
+    """Train a byte-level BPE of `vocab_size` tokens (specials included) from an iterable of strings or a list
+    of `Path`s to plain-text files."""
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise BadConfigError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (256 bytes + specials), got {vocab_size}")
     tok = _new_bpe()
@@ -68,7 +68,7 @@ def train_tokenizer(texts: Iterable[str] | list[str | Path], vocab_size: int, mi
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
-    if isinstance(texts, list) and texts and isinstance(texts[0], (str, Path)) and all(Path(t).is_file() for t in texts):
+    if isinstance(texts, list) and texts and all(isinstance(t, Path) for t in texts):
         tok.train([str(t) for t in texts], trainer)
     else:
         tok.train_from_iterator(texts, trainer)

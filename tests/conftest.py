@@ -60,3 +60,21 @@ def trained_checkpoint(tokenizer, tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("ckpt") / "trained"
     save_checkpoint(directory, model, tokenizer, lineage={"stage": "test"})
     return directory
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory) -> Path:
+    """One `lmforge run --quick` per test session; every slow test reuses its checkpoints.
+
+    Set LMFORGE_QUICK_RUN to a directory to reuse a run across sessions (it is resumed, so a finished run
+    costs only its evaluation)."""
+    import os
+    import time
+
+    from lmforge.cli import main
+
+    out = Path(os.environ.get("LMFORGE_QUICK_RUN") or tmp_path_factory.mktemp("quick") / "run")
+    start = time.perf_counter()
+    assert main(["run", "--quick", "--out", str(out), "--no-progress"]) == 0
+    (out / "test_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}")
+    return out

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from lmforge.errors import BadConfigError, UserError
+from lmforge.errors import BadConfigError, MismatchError, UserError
 
 
 @dataclass(frozen=True)
@@ -194,6 +194,9 @@ def _rewrite_metrics(path: Path, upto_step: int) -> None:
 # The loop
 
 
+# Settings that may change between a run and its resumption without changing its numbers.
+_FREE_ON_RESUME = {"progress", "device", "compile", "eval_every", "log_every", "save_every", "keep_checkpoints"}
+
 SaveFn = Callable[..., Path]  # save(directory, model, trainer_state=None, metrics=None) -> directory
 
 
@@ -229,6 +232,11 @@ def train(
     checkpoint = latest_checkpoint(out_dir) if resume else None
     if checkpoint is not None:
         state = torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=False)
+        changed = sorted(k for k, v in asdict(cfg).items()
+                         if k not in _FREE_ON_RESUME and state["config"].get(k) != v)
+        if changed:
+            raise MismatchError(f"{checkpoint}: was trained with other settings ({', '.join(changed)}); "
+                                "resume with the same ones, or use a new output directory")
         _load_weights(model, checkpoint)
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])

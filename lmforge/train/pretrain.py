@@ -10,6 +10,7 @@ corpus (GPT-3's objective). This module is its config, its batches and its loss;
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.checkpoint import save_checkpoint
-from lmforge.data.corpus import Source, TokenCorpus, build_token_shards, read_documents
+from lmforge.data.corpus import Source, TokenCorpus, build_token_shards, mixture_weights, read_documents
 from lmforge.errors import BadConfigError
 from lmforge.model import Transformer, flops_per_token, get_preset
 from lmforge.tokenizer import Tokenizer, train_tokenizer
@@ -56,17 +57,14 @@ def next_token_loss(model, batch) -> tuple[torch.Tensor, dict]:
 
 @torch.no_grad()
 def validation_loss(model, corpus: TokenCorpus, seq_len: int, max_windows: int = 32, batch_size: int = 8) -> float:
-    """Mean next-token loss over the first `max_windows` windows of the validation split."""
+    """Mean next-token loss over the first `max_windows` validation windows of each source."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    windows = list(corpus.valid_windows(seq_len, max_windows=max_windows))
-    for i in range(0, len(windows), batch_size):
-        inputs = torch.stack([w[0] for w in windows[i:i + batch_size]]).to(device)
-        targets = torch.stack([w[1] for w in windows[i:i + batch_size]]).to(device)
-        logits = model(inputs).float()
-        total += F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), reduction="sum").item()
+    for inputs, targets in corpus.valid_windows(seq_len, max_windows=max_windows, batch_size=batch_size):
+        logits = model(inputs.to(device)).float()
+        total += F.cross_entropy(logits.view(-1, logits.size(-1)), targets.to(device).view(-1), reduction="sum").item()
         count += targets.numel()
-    return total / max(count, 1)
+    return total / count if count else float("nan")
 
 
 def prepare_tokenizer(cfg: PretrainConfig, sources: list[Source], out: Path) -> Tokenizer:
@@ -106,10 +104,18 @@ def pretrain(cfg: PretrainConfig, lineage: dict | None = None) -> Path:
     sources = make_sources(cfg.data, cfg.weights, cfg.text_field)
     valid_sources = make_sources(cfg.valid_data, (), cfg.text_field) if cfg.valid_data else []
 
-    # --- tokenizer and token shards ---------------------------------------------------------------------
+    mixture_weights(sources)  # a bad weight fails here, before anything is written
+
+    # --- tokenizer and token shards (a failure here leaves no half-made output directory) ----------------
     rank, world_size = world_info()
-    tokenizer = prepare_tokenizer(cfg, sources, out)
-    corpus = prepare_corpus(sources, valid_sources, tokenizer, out / "data", cfg.train.seed)
+    created = not out.exists()
+    try:
+        tokenizer = prepare_tokenizer(cfg, sources, out)
+        corpus = prepare_corpus(sources, valid_sources, tokenizer, out / "data", cfg.train.seed)
+    except BaseException:
+        if created and rank == 0:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
     # --- model ------------------------------------------------------------------------------------------
     preset = get_preset(cfg.preset)

@@ -1,0 +1,90 @@
+"""The run report: `report.md` (and a picture of the loss curve beside it) in the run directory.
+
+Each stage adds a section; a reader sees what was trained, how it learned and what it now does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+
+def plot_loss_curve(metrics_path: Path, picture: Path) -> bool:
+    """Training loss per step and validation loss where measured; False when there is nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not metrics_path.is_file():
+        return False
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=110)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss", lw=1)
+    val = [r for r in rows if "val_loss" in r]
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = picture.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(picture)
+    return True
+
+
+def write_report(out: Path, cfg, results: dict, timings: dict, record: dict) -> Path:
+    has_curve = plot_loss_curve(out / "pretrain" / "metrics.jsonl", out / "pretrain_loss.png")
+    ppl = results["perplexity"]
+    model_cfg = record["configs"]["model"]
+    lines = [
+        "# lmforge run report",
+        "",
+        f"Run directory `{out}`; recipe in `config.toml`{' (quick mode: sizes for a smoke test, no quality promised)' if cfg.quick else ''}.",
+        "",
+        "## Pretraining",
+        "",
+        f"Preset `{cfg.preset}`: {model_cfg['n_layers']} layers, d_model {model_cfg['d_model']}, "
+        f"{model_cfg['n_heads']} heads ({model_cfg['n_kv_heads']} key/value), vocabulary {model_cfg['vocab_size']}, "
+        f"{cfg.pretrain_steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens.",
+        "",
+    ]
+    if has_curve:
+        lines += ["![pretraining loss](pretrain_loss.png)", ""]
+    lines += [
+        "## Perplexity on held-out world text",
+        "",
+        "PPL = exp(mean negative log-likelihood per token); each document scored on its own, every token once.",
+        "",
+        "| model | perplexity | bits per byte | word perplexity | tokens |",
+        "|---|---:|---:|---:|---:|",
+        f"| pretrained | {ppl['model']['perplexity']:.3f} | {ppl['model']['bits_per_byte']:.3f} | "
+        f"{ppl['model']['word_perplexity']:.2f} | {ppl['model']['n_tokens']} |",
+        f"| unigram (token frequencies of the training corpus) | {ppl['unigram']['perplexity']:.2f} | "
+        f"{ppl['unigram']['bits_per_byte']:.3f} | {ppl['unigram']['word_perplexity']:.2f} | {ppl['unigram']['n_tokens']} |",
+        "",
+        f"The model's perplexity is **{ppl['ratio']:.3f}x** the unigram model's.",
+        "",
+        "## Greedy samples",
+        "",
+        f"{results['ngram4_overlap']:.1%} of the word 4-grams in these continuations occur in the world corpus.",
+        "",
+    ]
+    for s in results["samples"]:
+        lines += [f"- **{s['prompt']}** {s['continuation']}"]
+    lines += ["", "## Time per stage", "", "| stage | seconds |", "|---|---:|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
+    lines += ["", "<details><summary>resolved config</summary>", "", "```json",
+              json.dumps(asdict(cfg), indent=2), "```", "</details>", ""]
+    path = out / "report.md"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    tmp.replace(path)
+    return path

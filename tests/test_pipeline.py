@@ -1,0 +1,62 @@
+"""`lmforge run --quick`, once per session (the `quick_run` fixture); later slow tests reuse its run."""
+
+import json
+import time
+
+import pytest
+import torch
+
+from lmforge.checkpoint import load_checkpoint
+from lmforge.cli import main
+from lmforge.pipeline import ngram_overlap, word_ngrams
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_run_writes_every_file(quick_run):
+    for path in ["config.toml", "world/corpus/train.jsonl", "world/corpus/valid.jsonl", "world/facts.json",
+                 "tokenizer/tokenizer.json", "pretrain/final/model.safetensors", "pretrain/final/lmforge.json",
+                 "pretrain/metrics.jsonl", "eval/results.json", "report.md", "pretrain_loss.png"]:
+        assert (quick_run / path).is_file(), path
+    assert float((quick_run / "test_seconds.txt").read_text()) < 120
+
+
+def test_quick_run_report_and_results(quick_run):
+    results = json.loads((quick_run / "eval" / "results.json").read_text())
+    ppl = results["perplexity"]
+    assert ppl["model"]["n_tokens"] == ppl["unigram"]["n_tokens"] > 1000
+    # Even the quick model must beat a context-free unigram model on held-out text.
+    assert ppl["model"]["perplexity"] < ppl["unigram"]["perplexity"]
+    assert len(results["samples"]) >= 3 and 0.0 <= results["ngram4_overlap"] <= 1.0
+    report = (quick_run / "report.md").read_text()
+    for section in ("## Pretraining", "## Perplexity on held-out world text", "## Greedy samples",
+                    "![pretraining loss](pretrain_loss.png)"):
+        assert section in report
+    rows = [json.loads(line) for line in (quick_run / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < rows[0]["loss"] - 1.0  # it learned
+
+
+def test_quick_checkpoint_loads_in_transformers(quick_run):
+    transformers = pytest.importorskip("transformers")
+    final = quick_run / "pretrain" / "final"
+    model, tokenizer, record = load_checkpoint(final)
+    assert record["lineage"]["stage"] == "pretrain"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+    ids = torch.tensor([tokenizer.encode("The town of", add_bos=True)])
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)).abs().max().item() <= 1e-4
+
+
+def test_rerun_skips_finished_stages(quick_run):
+    stamp = json.loads((quick_run / "pretrain" / "stage.json").read_text())
+    before = (quick_run / "pretrain" / "final" / "lmforge.json").stat().st_mtime
+    start = time.perf_counter()
+    assert main(["run", "--quick", "--out", str(quick_run), "--no-progress"]) == 0
+    assert (quick_run / "pretrain" / "final" / "lmforge.json").stat().st_mtime == before
+    assert time.perf_counter() - start < stamp["seconds"] + 30
+
+
+def test_ngram_overlap():
+    assert word_ngrams("a b c d e", 4) == [("a", "b", "c", "d"), ("b", "c", "d", "e")]
+    assert ngram_overlap(["a b c d e"], ["x a b c d y"], 4) == 0.5
+    assert ngram_overlap(["q r s t"], ["a b c d"], 4) == 0.0
