@@ -2,7 +2,7 @@
 
 Both start from the same weights (the lmforge model is saved as a checkpoint and loaded by `transformers`),
 train on the same random batches with the same AdamW settings, under bf16 autocast on CUDA and fp32 on CPU.
-Rounds alternate between the two so that machine noise hits both alike; the figure is the median round.
+Single steps alternate between the two so that machine noise hits both alike; the figure is the median step.
 
     python benchmarks/throughput.py --preset micro --seq-len 128 --batch-size 16          # CPU
     python benchmarks/throughput.py --preset gpt3-small --seq-len 1024 --batch-size 16 --compile   # GPU
@@ -66,7 +66,7 @@ def main() -> None:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, vocab, (args.batch_size, args.seq_len + 1), generator=g) for _ in range(args.steps)]
+    batches = [torch.randint(0, vocab, (args.batch_size, args.seq_len + 1), generator=g) for _ in range(2)]
     batches = [b.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else b for b in batches]
 
     def train_steps(name: str, n: int) -> tuple[float, list[float]]:
@@ -74,7 +74,8 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        for b in batches[:n]:
+        for i in range(n):
+            b = batches[i % len(batches)]
             with autocast:
                 logits = forward[name](model, b[:, :-1])
             loss = F.cross_entropy(logits.float().view(-1, vocab), b[:, 1:].reshape(-1))
@@ -86,21 +87,23 @@ def main() -> None:
             torch.cuda.synchronize()
         return time.perf_counter() - start, [x.item() for x in losses]
 
-    # --- warm up (compilation, allocator), check both compute the same thing, then alternate rounds -------
+    # --- warm up (compilation, allocator), then alternate single steps A B B A ... and take the median -----
+    # This machine's speed drifts by several percent over seconds; timing one step of each in turn, with the
+    # order flipped every time, puts the drift on both sides alike.
     first = {name: train_steps(name, 2)[1] for name in models}
-    rates: dict[str, list[float]] = {name: [] for name in models}
-    tokens = args.steps * args.batch_size * args.seq_len
-    for _ in range(args.rounds):
-        for name in models:
-            seconds, _ = train_steps(name, args.steps)
-            rates[name].append(tokens / seconds)
+    step_seconds: dict[str, list[float]] = {name: [] for name in models}
+    names = list(models)
+    for i in range(args.rounds * args.steps):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            step_seconds[name].append(train_steps(name, 1)[0])
+    rates = {name: args.batch_size * args.seq_len / statistics.median(v) for name, v in step_seconds.items()}
 
     result = {
         "preset": args.preset, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "seq_len": args.seq_len, "batch_size": args.batch_size,
         "compile": args.compile, "torch": torch.__version__, "transformers": transformers.__version__,
         "first_step_loss": {k: v[0] for k, v in first.items()},
-        "tokens_per_s": {k: statistics.median(v) for k, v in rates.items()},
+        "steps_timed": args.rounds * args.steps, "tokens_per_s": rates,
     }
     result["ratio_lmforge_over_transformers"] = result["tokens_per_s"]["lmforge"] / result["tokens_per_s"]["transformers"]
     if device.type == "cuda":

@@ -183,7 +183,7 @@ def _random_parallel(rng: random.Random) -> tuple[str, str]:
 
 # --- the fact base ---
 
-N_TOWNS, N_PEOPLE, N_HELDOUT, N_SURNAMES, N_PRODUCTS = 24, 200, 30, 50, 30
+N_TOWNS, N_PEOPLE, N_HELDOUT, N_SURNAMES, N_PRODUCTS = 24, 100, 20, 40, 30
 PERSON_RELATIONS = ("town", "profession", "food", "pet", "age", "hobby", "friend")
 
 

@@ -74,10 +74,11 @@ def write_report(out: Path, cfg, results: dict, timings: dict, record: dict) -> 
         "",
         "## Greedy samples",
         "",
-        f"{results['ngram4_overlap']:.1%} of the word 4-grams in these continuations occur in the world corpus.",
+        f"{results['ngram4_overlap']:.1%} of the word 4-grams in the greedy continuations of {len(results['samples'])} "
+        "prompts (first words of held-out documents) occur in the world's training corpus. The first 12:",
         "",
     ]
-    for s in results["samples"]:
+    for s in results["samples"][:12]:
         lines += [f"- **{s['prompt']}** {s['continuation']}"]
     lines += ["", "## Time per stage", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]

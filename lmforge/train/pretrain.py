@@ -16,6 +16,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed
 import torch.nn.functional as F
 
 from lmforge.checkpoint import save_checkpoint
@@ -107,15 +108,22 @@ def pretrain(cfg: PretrainConfig, lineage: dict | None = None) -> Path:
     mixture_weights(sources)  # a bad weight fails here, before anything is written
 
     # --- tokenizer and token shards (a failure here leaves no half-made output directory) ----------------
+    # Rank 0 prepares; under torchrun the other ranks wait, then open what it wrote.
     rank, world_size = world_info()
-    created = not out.exists()
-    try:
-        tokenizer = prepare_tokenizer(cfg, sources, out)
-        corpus = prepare_corpus(sources, valid_sources, tokenizer, out / "data", cfg.train.seed)
-    except BaseException:
-        if created and rank == 0:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+    if rank == 0:
+        created = not out.exists()
+        try:
+            tokenizer = prepare_tokenizer(cfg, sources, out)
+            corpus = prepare_corpus(sources, valid_sources, tokenizer, out / "data", cfg.train.seed)
+        except BaseException:
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+    if world_size > 1:
+        torch.distributed.barrier()
+    if rank != 0:
+        tokenizer = Tokenizer.load(cfg.tokenizer or out / "tokenizer")
+        corpus = TokenCorpus.open(out / "data", tokenizer)
 
     # --- model ------------------------------------------------------------------------------------------
     preset = get_preset(cfg.preset)
