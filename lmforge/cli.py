@@ -21,6 +21,10 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
                     "tokenizer + corpus + preset -> checkpoint, by next-token prediction"),
     ("eval", "perplexity"): ("lmforge.evaluate.perplexity:PerplexityConfig", "lmforge.evaluate.perplexity:run",
                              "perplexity and bits per byte of a checkpoint on a text file"),
+    ("generate",): ("lmforge.infer.generate:GenerateConfig", "lmforge.infer.generate:run_generate",
+                    "continue prompts with any decoding strategy (a prompt, or a JSONL file of them)"),
+    ("chat",): ("lmforge.infer.generate:ChatConfig", "lmforge.infer.generate:run_chat",
+                "talk to a model in the terminal, replies streamed"),
     ("info",): ("lmforge.cli:InfoConfig", "lmforge.cli:info",
                 "parameters and FLOPs of a preset or a checkpoint"),
 }

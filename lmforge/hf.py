@@ -6,11 +6,16 @@ Export needs no code: a native checkpoint *is* a `transformers` Llama directory 
 Import: a local Llama-family checkpoint saved by `transformers` (config.json plus model.safetensors, sharded
 safetensors with an index, or pytorch_model.bin) becomes a native `Transformer` with identical logits.
 Nothing is downloaded: the path must be a local directory.
+
+Stand-in: `load_model(path)` gives (model, tokenizer) for any local checkpoint, so the engine and the scoring
+functions run on an lmforge checkpoint, a Llama-family `transformers` directory (imported natively) or any
+other `transformers` causal LM (GPT-2, say) wrapped in `HFCausalLM`.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -58,3 +63,89 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError, RuntimeError, KeyError, json.JSONDecodeError) as e:
         raise BadFileError(f"{directory}: unreadable weights ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     raise BadFileError(f"{directory}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Any local Hugging Face causal LM standing in for the native model (the engine and scoring use these)
+
+
+@dataclass(frozen=True)
+class ForeignModelConfig:
+    max_seq_len: int
+    vocab_size: int
+
+
+class HFCausalLM(torch.nn.Module):
+    """A `transformers` causal LM behind the native model's call: `model(input_ids, position_ids=None,
+    attn_mask=None) -> logits (B, T, V)`. It has no slot cache, so the engine recomputes whole sequences
+    (correct, slower); Llama-family checkpoints are better imported natively with `load_hf_llama`."""
+
+    def __init__(self, hf_model):
+        super().__init__()
+        self.hf_model = hf_model.eval()
+        config = hf_model.config
+        max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
+        self.cfg = ForeignModelConfig(max_seq_len=int(max_len), vocab_size=int(config.vocab_size))
+
+    def forward(self, input_ids, position_ids=None, attn_mask=None, kv_cache=None):
+        if kv_cache is not None or attn_mask is not None:
+            raise NotImplementedError("HFCausalLM has no slot cache; the engine recomputes full sequences")
+        return self.hf_model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+
+
+class HFTokenizer:
+    """An `AutoTokenizer` with the few members lmforge uses: encode/decode, special ids, chat prompts."""
+
+    def __init__(self, hf_tokenizer):
+        self.hf = hf_tokenizer
+        self.eos_id = hf_tokenizer.eos_token_id
+        self.bos_id = hf_tokenizer.bos_token_id if hf_tokenizer.bos_token_id is not None else self.eos_id
+        self.pad_id = hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else self.eos_id
+        if self.eos_id is None:
+            raise BadFileError(f"{hf_tokenizer.name_or_path}: the tokenizer has no EOS token")
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = self.hf(text, add_special_tokens=False)["input_ids"]
+        return [self.bos_id, *ids] if add_bos else ids
+
+    def decode(self, ids, skip_special: bool = True) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special, clean_up_tokenization_spaces=False)
+
+    def render_prompt(self, messages: list[dict]) -> list[int]:
+        if not getattr(self.hf, "chat_template", None):
+            raise BadFileError(f"{self.hf.name_or_path}: the tokenizer has no chat template")
+        out = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(out["input_ids"] if not isinstance(out, list) else out)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """(model, tokenizer) for any local checkpoint: an lmforge checkpoint or a Llama-family `transformers`
+    directory as the native model, any other `transformers` causal LM through `HFCausalLM`."""
+    from lmforge.checkpoint import load_checkpoint
+
+    path = Path(path)
+    if (path / "lmforge.json").is_file():
+        model, tokenizer, _ = load_checkpoint(path, device=device)
+        return model, tokenizer
+    if not (path / "config.json").is_file():
+        raise BadFileError(f"{path}: not a checkpoint directory (no lmforge.json or config.json)")
+    try:
+        import transformers
+    except ImportError:
+        raise BadFileError(f"{path}: loading Hugging Face models needs `pip install 'lmforge[hf]'`") from None
+    try:
+        tokenizer = HFTokenizer(transformers.AutoTokenizer.from_pretrained(path))
+    except (OSError, ValueError) as e:
+        raise BadFileError(f"{path}: no usable tokenizer ({str(e).splitlines()[0]})") from None
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type in LLAMA_FAMILY:
+        return load_hf_llama(path).to(device).eval(), tokenizer
+    try:
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise BadFileError(f"{path}: not a loadable causal LM ({str(e).splitlines()[0]})") from None
+    return HFCausalLM(hf_model).to(device), tokenizer

@@ -146,9 +146,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache:
     """Keys and values of past positions for every layer, preallocated to `max_len`.
 
-    `length` is how many positions are filled (the same for every row; the engine left-pads prompts and masks
-    the padding). Each forward call writes its T new positions at [length, length + T) and the model advances
-    `length` once all layers have written.
+    `length` is how many positions are filled, the same for every row. Each forward call writes its T new
+    positions at [length, length + T) and the model calls `advance(T)` once all layers have written. Any object
+    with `update(layer, k, v) -> (keys, values)` and `advance(n)` can stand in: the engine's slot cache, whose
+    rows have lengths of their own, passes explicit positions and masks.
     """
 
     def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int, max_len: int,
@@ -168,6 +169,10 @@ class KVCache:
         self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def advance(self, n: int) -> None:
+        """Called by the model once every layer has written its n new positions."""
+        self.length += n
+
 
 class Attention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int):
@@ -178,18 +183,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
 
-    def forward(self, x, cos, sin, attn_mask=None, kv_cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, cos, sin, attn_mask=None, kv_cache=None, layer: int = 0):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        past = kv_cache.length if kv_cache is not None else 0
         if kv_cache is not None:
-            k, v = kv_cache.update(layer, k, v)  # (B, Hkv, past + T, hd)
-        if attn_mask is None and past > 0 and T > 1:
-            # SDPA's is_causal aligns the triangle to the top-left; with a cache the queries sit at the end.
-            attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            k, v = kv_cache.update(layer, k, v)  # (B, Hkv, S, hd): everything this row may attend to
+        # With no mask, SDPA's causal triangle is right only when queries and keys start together.
         is_causal = attn_mask is None and T > 1
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads,
@@ -266,7 +268,8 @@ class Transformer(nn.Module):
         kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
         B, T = input_ids.shape
-        past = kv_cache.length if kv_cache is not None else 0
+        # With explicit positions the caller (the engine) also gives the mask and the cache tracks its rows.
+        past = kv_cache.length if kv_cache is not None and position_ids is None else 0
         if position_ids is None:
             if past + T > self.cfg.max_seq_len:
                 raise BadConfigError(
@@ -278,11 +281,15 @@ class Transformer(nn.Module):
         else:
             cos = self.rope_cos[position_ids].unsqueeze(1)  # (B, 1, T, hd)
             sin = self.rope_sin[position_ids].unsqueeze(1)
+        if attn_mask is None and past > 0 and T > 1:
+            # A chunk after a prefill: SDPA's is_causal would align the triangle to the top-left, but these
+            # queries sit at the end, after `past` cached positions.
+            attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=input_ids.device).tril(diagonal=past)
         x = self.embed_tokens(input_ids)  # (B, T, d)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, attn_mask, kv_cache, i)
         if kv_cache is not None:
-            kv_cache.length += T
+            kv_cache.advance(T)
         return self.lm_head(self.norm(x))  # (B, T, V)
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
