@@ -58,6 +58,11 @@ def test_generate_on_a_local_hugging_face_directory(tokenizer, tmp_path):
     assert main(["generate", "--model", str(tmp_path / "gpt2"), "--prompt", "hello", "--max-new-tokens", "5",
                  "--temperature", "0", "--ignore-eos", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["n_tokens"] == 5
+    lines = iter(["hello there", "/quit"])
+    printed = io.StringIO()
+    messages = run_chat(ChatConfig(model=str(tmp_path / "gpt2"), sampling=SamplingParams(max_new_tokens=4)),
+                        input_fn=lambda prompt: next(lines), output=printed)
+    assert [m["role"] for m in messages] == ["user", "assistant"] and printed.getvalue().count("model> ") == 1
 
 
 @pytest.mark.parametrize("flags,needle", [
