@@ -19,6 +19,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
                           "write the embedded world's corpus and facts as files"),
     ("pretrain",): ("lmforge.train.pretrain:PretrainConfig", "lmforge.train.pretrain:pretrain",
                     "tokenizer + corpus + preset -> checkpoint, by next-token prediction"),
+    ("sft",): ("lmforge.train.sft:SFTConfig", "lmforge.train.sft:sft",
+               "instruction tuning: train on assistant turns only (full, LoRA, packing)"),
     ("eval", "perplexity"): ("lmforge.evaluate.perplexity:PerplexityConfig", "lmforge.evaluate.perplexity:run",
                              "perplexity and bits per byte of a checkpoint on a text file"),
     ("generate",): ("lmforge.infer.generate:GenerateConfig", "lmforge.infer.generate:run_generate",

@@ -91,6 +91,9 @@ class Tokenizer:
         self.eos_id = hf_tokenizer.token_to_id(EOS)
         self.pad_id = hf_tokenizer.token_to_id(PAD)
         self.role_ids = {role: hf_tokenizer.token_to_id(tok) for role, tok in ROLE_TOKENS.items()}
+        # Whether the saved tokenizer_config.json carries the chat template (what `transformers` renders with);
+        # chat training refuses a checkpoint without it, since other tools could not render its chats.
+        self.has_chat_template = True
 
     @property
     def vocab_size(self) -> int:
@@ -154,11 +157,17 @@ class Tokenizer:
         if not path.is_file():
             raise BadFileError(f"{path}: no tokenizer file")
         try:
-            return cls(HFTokenizer.from_file(str(path)))
+            tokenizer = cls(HFTokenizer.from_file(str(path)))
         except UserError:
             raise
         except Exception as e:  # tokenizers raises plain Exceptions for unparsable files
             raise BadFileError(f"{path}: not a readable tokenizer ({str(e).splitlines()[0]})") from None
+        config = Path(directory) / "tokenizer_config.json"
+        try:
+            tokenizer.has_chat_template = bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
+        except (OSError, json.JSONDecodeError):
+            tokenizer.has_chat_template = False
+        return tokenizer
 
 
 def _check_message(message: dict, index: int) -> tuple[str, str]:

@@ -177,7 +177,11 @@ def _load_weights(model: torch.nn.Module, directory: Path) -> None:
     from safetensors.torch import load_file
 
     state = {k.removeprefix("model."): v for k, v in load_file(str(directory / "model.safetensors")).items()}
-    model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # a tied head is not saved
+    if missing or unexpected:
+        raise MismatchError(f"{directory}: weights do not fit the model being trained "
+                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def _rewrite_metrics(path: Path, upto_step: int) -> None:
@@ -210,12 +214,14 @@ def train(
     evaluate: Callable[[torch.nn.Module], dict] | None = None,
     flops_per_token: float = 0.0,
     resume: bool = True,
+    load: Callable[[torch.nn.Module, Path], None] | None = None,
 ) -> dict:
     """Train `model` in place for `cfg.steps` optimizer steps and return the last logged metrics.
 
     `save(directory, model, trainer_state=..., metrics=...)` writes a checkpoint (the method knows the
     tokenizer and the configs); `evaluate(model) -> metrics` runs on rank 0 every `eval_every` steps;
-    `flops_per_token` turns tokens/s into MFU on CUDA.
+    `flops_per_token` turns tokens/s into MFU on CUDA; `load(model, checkpoint_dir)` restores weights on
+    resume when the trained model is not the saved one (LoRA adapters), default: the checkpoint's weights.
     """
     out_dir = Path(out_dir)
     rank, world_size = world_info()
@@ -237,7 +243,7 @@ def train(
         if changed:
             raise MismatchError(f"{checkpoint}: was trained with other settings ({', '.join(changed)}); "
                                 "resume with the same ones, or use a new output directory")
-        _load_weights(model, checkpoint)
+        (load or _load_weights)(model, checkpoint)
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         start_step = state["step"]
