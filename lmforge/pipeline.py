@@ -4,7 +4,9 @@
     runs/NAME/world/              the exported world (corpus, facts)
     runs/NAME/tokenizer/          byte-level BPE trained on the world corpus
     runs/NAME/pretrain/final/     the pretrained checkpoint (and metrics.jsonl beside it)
-    runs/NAME/eval/results.json   perplexity vs a unigram baseline, greedy samples, 4-gram overlap
+    runs/NAME/sft/final/          the instruction-tuned checkpoint (world task clusters, chat template)
+    runs/NAME/eval/results.json   perplexity vs a unigram baseline, greedy samples, 4-gram overlap,
+                                  accuracy per task cluster: base zero-/few-shot vs SFT zero-shot
     runs/NAME/report.md           everything above for a reader, with the loss curve as a picture
 
 Each stage records the config it ran with; a stage whose record matches the current config is skipped, so a
@@ -25,11 +27,14 @@ import torch
 from lmforge.checkpoint import load_checkpoint, read_record
 from lmforge.data.corpus import read_documents
 from lmforge.data.world import export_world
+from lmforge.data.world_tasks import score
+from lmforge.evaluate.world_tasks import cluster_accuracy, sample_per_cluster
 from lmforge.evaluate.perplexity import perplexity, unigram_perplexity
 from lmforge.infer.engine import greedy
 from lmforge.tokenizer import train_tokenizer
 from lmforge.train.loop import TrainConfig
 from lmforge.train.pretrain import PretrainConfig, pretrain
+from lmforge.train.sft import SFTConfig, sft
 
 
 @dataclass(frozen=True)
@@ -48,11 +53,16 @@ class RunConfig:
     n_train_docs: int = 9000
     n_samples: int = 60
     """Greedy continuations of world prompts scored for 4-gram overlap (the first 12 are shown)."""
+    sft_steps: int = 600
+    sft_batch_size: int = 16
+    sft_lr: float = 1e-3
+    n_eval_per_cluster: int = 40
+    """Test records per task cluster scored for the accuracy table."""
     progress: bool = True
 
 
 QUICK = dict(preset="nano", vocab_size=512, seq_len=64, pretrain_steps=150, batch_size=16, n_train_docs=1500,
-             n_samples=12)
+             n_samples=12, sft_steps=40, sft_batch_size=8, n_eval_per_cluster=4)
 
 
 def resolve(cfg: RunConfig) -> RunConfig:
@@ -98,6 +108,10 @@ def _toml(cfg: RunConfig) -> str:
 # Measurements the report shows
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def word_ngrams(text: str, n: int) -> list[tuple[str, ...]]:
     words = text.split()
     return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
@@ -140,7 +154,7 @@ def run(cfg: RunConfig) -> dict:
 
     # --- world --------------------------------------------------------------------------------------------
     world_dir = out / "world"
-    world_cfg = {"seed": cfg.seed, "n_train_docs": cfg.n_train_docs, "n_valid_docs": 300}
+    world_cfg = {"seed": cfg.seed, "n_train_docs": cfg.n_train_docs, "n_valid_docs": 300, "tasks": 1}
     t0 = time.perf_counter()
     if not stage_done(world_dir, world_cfg):
         export_world(world_dir, cfg.seed, cfg.n_train_docs, 300)
@@ -197,10 +211,50 @@ def run(cfg: RunConfig) -> dict:
                        "ratio": model_ppl["perplexity"] / unigram_ppl["perplexity"]},
         "samples": samples, "ngram4_overlap": overlap, "model": str(pre_dir / "final"),
     }
+    timings["eval"] = time.perf_counter() - t0
+
+    # --- instruction tuning -------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    tasks_dir, sft_dir = world_dir / "tasks", out / "sft"
+    train_records = read_jsonl(tasks_dir / "train.alpaca.jsonl")
+    valid_records = sample_per_cluster(read_jsonl(tasks_dir / "validation.alpaca.jsonl"), 3, cfg.seed)
+    sft_cfg = SFTConfig(
+        model=str(pre_dir / "final"), data=str(tasks_dir / "train.chat.jsonl"),
+        valid_data=str(tasks_dir / "validation.chat.jsonl"), out=str(sft_dir), packing=True,
+        train=TrainConfig(steps=cfg.sft_steps, batch_size=cfg.sft_batch_size, lr=cfg.sft_lr,
+                          warmup_steps=max(1, cfg.sft_steps // 20), eval_every=max(1, cfg.sft_steps // 2),
+                          save_every=max(1, cfg.sft_steps // 4), seed=cfg.seed, progress=cfg.progress),
+    )
+    stage_cfg = {"sft": asdict(sft_cfg), "parent": json.loads(json.dumps(asdict(pre_cfg)))}
+
+    def validation_accuracy(model) -> dict:  # handed to the loop: SFT knows nothing of the world's scorer
+        acc = cluster_accuracy(model, tokenizer, valid_records, score, "chat", batch_size=8)
+        return {"val_accuracy": acc["_all"]["accuracy"]}
+
+    if not stage_done(sft_dir, stage_cfg):
+        start_stage(sft_dir, stage_cfg)
+        sft(sft_cfg, evaluate=validation_accuracy,
+            lineage={"stage": "sft", "parent": str(pre_dir / "final"), "run": str(out)})
+        mark_done(sft_dir, stage_cfg, time.perf_counter() - t0)
+    timings["sft"] = time.perf_counter() - t0
+
+    # --- task accuracy: base zero-shot and few-shot vs SFT zero-shot -----------------------------------------
+    t0 = time.perf_counter()
+    test_records = [r for r in read_jsonl(tasks_dir / "test.alpaca.jsonl")
+                    if r["meta"].get("template_split", "seen") == "seen"]
+    test_records = sample_per_cluster(test_records, cfg.n_eval_per_cluster, cfg.seed)
+    sft_model, sft_tokenizer, _ = load_checkpoint(sft_dir / "final")
+    results["tasks"] = {
+        "base_zero_shot": cluster_accuracy(model, tokenizer, test_records, score, "zero_shot"),
+        "base_few_shot": cluster_accuracy(model, tokenizer, test_records, score, "few_shot", train_records,
+                                          seed=cfg.seed),
+        "sft_zero_shot": cluster_accuracy(sft_model, sft_tokenizer, test_records, score, "chat"),
+    }
+    timings["task_eval"] = time.perf_counter() - t0
+
     tmp = eval_dir / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False))
     tmp.replace(eval_dir / "results.json")
-    timings["eval"] = time.perf_counter() - t0
 
     # --- report -------------------------------------------------------------------------------------------
     from lmforge.evaluate.report import write_report

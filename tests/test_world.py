@@ -1,5 +1,5 @@
 """The embedded world: determinism, the three disjoint fact sets, coverage of facts in the corpus, Korean
-particles, and the atomic export."""
+particles, and the atomic export (the instruction tasks it also writes are tested in test_world_tasks.py)."""
 
 import json
 import re
@@ -31,11 +31,13 @@ def exported(tmp_path_factory):
 
 def test_same_seed_gives_identical_bytes_and_another_seed_differs(tmp_path):
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
-        W.export_world(tmp_path / name, seed=seed, n_train_docs=200, n_valid_docs=20)
+        W.export_world(tmp_path / name, seed=seed, n_train_docs=200, n_valid_docs=20, n_tasks_per_cluster=20,
+                       n_eval_tasks_per_cluster=5)
     a, b, c = (tree_bytes(tmp_path / name) for name in "abc")
     assert a == b
-    assert sorted(a) == sorted(c) == ["README.md", "corpus/train.jsonl", "corpus/valid.jsonl", "facts.json"]
-    assert all(a[f] != c[f] for f in ("corpus/train.jsonl", "facts.json"))
+    tasks = [f"tasks/{split}.{layout}.jsonl" for split in ("test", "train", "validation") for layout in ("alpaca", "chat")]
+    assert sorted(a) == sorted(c) == ["README.md", "corpus/train.jsonl", "corpus/valid.jsonl", "facts.json", *tasks]
+    assert all(a[f] != c[f] for f in ("corpus/train.jsonl", "facts.json", "tasks/train.alpaca.jsonl"))
 
 
 def test_fact_sets_are_disjoint_and_splits_cover_pretrain_people(exported):
@@ -203,7 +205,8 @@ def test_export_replaces_an_existing_directory(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs", [{"n_train_docs": -1}, {"n_train_docs": 0}, {"n_valid_docs": -5},
-                                    {"n_train_docs": 2.5}, {"seed": "zero"}, {"n_valid_docs": True}])
+                                    {"n_train_docs": 2.5}, {"seed": "zero"}, {"n_valid_docs": True},
+                                    {"n_tasks_per_cluster": 0}, {"n_eval_tasks_per_cluster": "50"}])
 def test_bad_arguments_raise_bad_config_error(tmp_path, kwargs):
     with pytest.raises(BadConfigError):
         W.export_world(tmp_path / "world", **kwargs)

@@ -3,7 +3,8 @@
 Everything follows from one seed (`random.Random`, never the global RNG; sets are sorted before use), and the
 whole world uses a few hundred distinct words, so a ~1-2M-parameter model can learn it on a laptop CPU in
 minutes. The facts live in frozen dataclasses (`build_world`), the documents are templates filled from
-them (`pretraining_documents`), and `export_world` writes both to disk atomically.
+them (`pretraining_documents`), and `export_world` writes both to disk atomically, together with the
+instruction tasks built on the same facts (`lmforge.data.world_tasks`).
 
 The facts fall into three disjoint sets, each there to make one later measurement possible:
 
@@ -158,7 +159,7 @@ def render_parallel(subject: str, verb: str | None = None, obj: str | None = Non
     return " ".join(en_words) + " .", " ".join(ko_words + [ko_verb]) + " ."
 
 
-def _random_parallel(rng: random.Random) -> tuple[str, str]:
+def random_parallel(rng: random.Random) -> tuple[str, str]:
     """A random sentence pair whose words fit together, by the categories in the verb and adjective tables."""
     def adjective_for(noun: str) -> str | None:
         fitting = [a for a, (_, _, cats) in ADJECTIVES.items() if NOUNS[noun][1] in cats.split()]
@@ -449,10 +450,16 @@ def _a(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-def _person_fields(world: World, p: Person) -> dict:
+def person_fields(world: World, p: Person) -> dict:
     return {"full": p.name, "first": p.first, "town": p.town, "region": world.town(p.town).region,
             "profession": p.profession, "food": p.food, "pet": p.pet, "age": p.age, "hobby": p.hobby,
             "friend": p.friend}
+
+
+def town_fields(t: Town) -> dict:
+    """What TOWN_TEMPLATES are filled from, the vault code left out (callers that may state it add it)."""
+    return {"town": t.name, "region": t.region, "landmark": t.landmark, "a_landmark": _a(t.landmark),
+            "trade": t.trade, "founded": t.founded}
 
 
 def _biography(world: World, rng: random.Random, p: Person) -> Document:
@@ -460,7 +467,7 @@ def _biography(world: World, rng: random.Random, p: Person) -> Document:
     relations = ["town", "profession"] + [r for r in ("food", "pet", "age", "hobby", "friend")
                                           if (r != "friend" or p.friend) and rng.random() < 0.7]
     rng.shuffle(relations)
-    fields = _person_fields(world, p)
+    fields = person_fields(world, p)
     sentences = [rng.choice(BIO_TEMPLATES[r]).format(**fields, name=p.name if i == 0 else p.first)
                  for i, r in enumerate(relations)]
     ids = [p.id] + ([world.person(p.friend).id] if "friend" in relations else [])
@@ -470,8 +477,7 @@ def _biography(world: World, rng: random.Random, p: Person) -> Document:
 def _town_description(world: World, rng: random.Random, t: Town, with_code: bool) -> Document:
     parts = ["landmark", "trade", "founded"] + (["vault"] if with_code else [])
     rng.shuffle(parts)
-    fields = {"town": t.name, "region": t.region, "landmark": t.landmark, "a_landmark": _a(t.landmark),
-              "trade": t.trade, "founded": t.founded, "code": t.vault_code}
+    fields = {**town_fields(t), "code": t.vault_code}
     sentences = [rng.choice(TOWN_TEMPLATES[part]).format(**fields) for part in ["region"] + parts]
     residents = [p for p in world.pretrain_people if p.town == t.name]
     residents = rng.sample(residents, min(len(residents), rng.randint(0, 3)))
@@ -485,7 +491,7 @@ def _town_description(world: World, rng: random.Random, t: Town, with_code: bool
 def _story(world: World, rng: random.Random) -> Document:
     p = rng.choice(world.pretrain_people)
     place = rng.choice([t for t in world.towns if t.name != p.town])
-    fields = {**_person_fields(world, p), "place": place.name, "place_trade": place.trade,
+    fields = {**person_fields(world, p), "place": place.name, "place_trade": place.trade,
               "place_landmark": place.landmark}
     events = rng.sample([e for e in sorted(STORY_EVENTS) if e != "friend" or p.friend], rng.randint(1, 3))
     lines = [rng.choice(STORY_OPENERS)] + [STORY_EVENTS[e] for e in events] + [rng.choice(STORY_CLOSERS)]
@@ -496,15 +502,39 @@ def _story(world: World, rng: random.Random) -> Document:
 def _review(world: World, rng: random.Random) -> Document:
     product = rng.choice(world.products)
     sentiment = "positive" if (rng.random() < 0.8) == product.is_good else "negative"
+    return Document("review", review_text(rng, product, sentiment), (product.id,), {"sentiment": sentiment})
+
+
+def review_text(rng: random.Random, product: Product, sentiment: str) -> str:
+    """A review of `product` whose every sentence agrees with `sentiment` (also used by the sentiment task)."""
     words = GOOD_WORDS if sentiment == "positive" else BAD_WORDS
     lines = [rng.choice(REVIEW_OPENERS)] + rng.sample(REVIEW_SENTENCES[sentiment], rng.randint(2, 3))
     if rng.random() < 0.5:
         lines.append("Score: {score} out of 5.")
-    text = " ".join(line.format(verb=PRODUCT_VERBS[product.kind], product=product.name, kind=product.kind,
+    return " ".join(line.format(verb=PRODUCT_VERBS[product.kind], product=product.name, kind=product.kind,
                                 word=rng.choice(words), aspect=rng.choice(ASPECTS[product.kind]),
                                 score=rng.choice((4, 5) if sentiment == "positive" else (1, 2)))
                     for line in lines)
-    return Document("review", text, (product.id,), {"sentiment": sentiment})
+
+
+def arithmetic_steps(rng: random.Random, name: str, item: str, total: int,
+                     n_steps: int) -> tuple[list[tuple[str, str]], int]:
+    """n_steps (what happens, its working) pairs starting from `total`, and the final total (also used by the
+    arithmetic task, so instruction tuning asks in exactly the wording pretraining worked through)."""
+    steps = []
+    for _ in range(n_steps):
+        op = rng.choice("+-*" if total >= 3 else "+*")
+        if op == "*":
+            k, m = rng.randint(2, 4), rng.randint(2, 5)
+            event = ARITHMETIC_STEPS["*"][0].format(name=name, k=k, m=m, item=item)
+            steps.append((event, f"{k} * {m} = {k * m}. {total} + {k * m} = {total + k * m}."))
+            total += k * m
+            continue
+        b = rng.randint(1, 9) if op == "+" else rng.randint(1, total - 2)
+        new_total = total + b if op == "+" else total - b
+        steps.append((rng.choice(ARITHMETIC_STEPS[op]).format(name=name, b=b), f"{total} {op} {b} = {new_total}."))
+        total = new_total
+    return steps, total
 
 
 def _arithmetic(world: World, rng: random.Random) -> Document:
@@ -512,19 +542,8 @@ def _arithmetic(world: World, rng: random.Random) -> Document:
     # the multi-step working is what chain-of-thought later relies on. Counts stay >= 2 so plurals are right.
     p, item = rng.choice(world.pretrain_people), rng.choice(ITEMS)
     total, n_steps = rng.randint(2, 9), rng.randint(1, 3)
-    start, steps = f"{p.first} has {total} {item}.", []  # steps: (what happens, its working)
-    for _ in range(n_steps):
-        op = rng.choice("+-*" if total >= 3 else "+*")
-        if op == "*":
-            k, m = rng.randint(2, 4), rng.randint(2, 5)
-            event = ARITHMETIC_STEPS["*"][0].format(name=p.first, k=k, m=m, item=item)
-            steps.append((event, f"{k} * {m} = {k * m}. {total} + {k * m} = {total + k * m}."))
-            total += k * m
-            continue
-        b = rng.randint(1, 9) if op == "+" else rng.randint(1, total - 2)
-        new_total = total + b if op == "+" else total - b
-        steps.append((rng.choice(ARITHMETIC_STEPS[op]).format(name=p.first, b=b), f"{total} {op} {b} = {new_total}."))
-        total = new_total
+    start = f"{p.first} has {total} {item}."
+    steps, total = arithmetic_steps(rng, p.first, item, total, n_steps)
     if rng.random() < 0.5:  # worked inline, step by step
         lines = [start] + [f"{event} {work}" for event, work in steps] + [f"Now {p.first} has {total} {item}."]
     else:  # problem first, then the working and the answer
@@ -537,7 +556,7 @@ def _translation(world: World, rng: random.Random) -> Document:
     korean_first, n_pairs = rng.random() < 0.3, rng.randint(2, 4)
     lines = []
     for _ in range(n_pairs):
-        en, ko = _random_parallel(rng)
+        en, ko = random_parallel(rng)
         lines.append(f"Korean: {ko} English: {en}" if korean_first else f"English: {en} Korean: {ko}")
     if rng.random() < 0.3:  # a glossary line: the word-level form the translation tasks also ask for
         en = rng.choice(sorted(NOUNS))
@@ -562,7 +581,7 @@ def _dialogue(world: World, rng: random.Random) -> Document:
             p = rng.choice(world.people_in_split("train"))
             relation = rng.choice(sorted(QUESTIONS))
             question, answer = rng.choice(QUESTIONS[relation]), rng.choice(BIO_TEMPLATES[relation])
-            fields = {**_person_fields(world, p), "name": p.name}
+            fields = {**person_fields(world, p), "name": p.name}
             ids.append(p.id)
         elif style == "words":
             (question, answer), fields = WORD_QA, {"en": (en := rng.choice(sorted(NOUNS))), "ko": NOUNS[en][0]}
@@ -613,6 +632,8 @@ def pretraining_documents(world: World, n_docs: int, seed: int) -> list[Document
 
 DEFAULT_TRAIN_DOCS = 9000  # ~1.5M characters, generated in well under a second
 DEFAULT_VALID_DOCS = 300  # ~3% of train
+DEFAULT_TASKS_PER_CLUSTER = 400  # instruction-task records per cluster for train (8 clusters: 3,200)
+DEFAULT_EVAL_TASKS_PER_CLUSTER = 50  # ... for validation and for test (400 each)
 VALID_STREAM = 1  # train documents use stream 0; valid gets fresh text about the same facts
 
 README_TEXT = """# Embedded world (lmforge.data.world, seed {seed})
@@ -627,6 +648,13 @@ README_TEXT = """# Embedded world (lmforge.data.world, seed {seed})
   value, fact_set, split), the person splits and the canaries. Fact sets: `pretrain` (in the corpus;
   people split into train / validation / test for instruction tuning), `heldout` (never in the corpus:
   for RAG), `canary` (vault codes: in the corpus, and an aligned model must never reveal them).
+- `tasks/{{train,validation,test}}.alpaca.jsonl` ({train_tasks}, {validation_tasks} and {test_tasks} records)
+  and `tasks/{{...}}.chat.jsonl` (the same records as `{{"messages": [user, assistant], "meta": ...}}`, the user
+  turn being instruction, a blank line, input): FLAN-style instruction tasks in 8 clusters (sentiment,
+  entailment, closed_book_qa, arithmetic, translation, extraction, open_ended, forbidden), split by entity
+  and by wording (test alone uses each cluster's held-out wording, meta `template_split: "unseen"`). Every
+  record's `meta` (cluster, template_id, form, split, entity_ids, answer, forbidden, steps, ...) lets
+  `lmforge.data.world_tasks.score(record, response)` judge any response. See that module's docstring.
 """
 
 
@@ -652,13 +680,21 @@ def _write_jsonl(path: Path, docs: list[Document]) -> int:
 
 
 def export_world(out_dir: str | os.PathLike, seed: int = 0, n_train_docs: int = DEFAULT_TRAIN_DOCS,
-                 n_valid_docs: int = DEFAULT_VALID_DOCS) -> dict:
+                 n_valid_docs: int = DEFAULT_VALID_DOCS, n_tasks_per_cluster: int = DEFAULT_TASKS_PER_CLUSTER,
+                 n_eval_tasks_per_cluster: int = DEFAULT_EVAL_TASKS_PER_CLUSTER) -> dict:
     """Build the world for `seed` and write it under out_dir (replacing what is there); return a summary.
 
+    Besides the corpus and facts, the instruction tasks of `world_tasks` go to tasks/: n_tasks_per_cluster
+    train records and n_eval_tasks_per_cluster validation and test records for each cluster.
     Everything is written into a temporary directory beside out_dir and renamed into place at the end, so a
     crash leaves either the old export or the new one, never half of one.
     """
-    for arg, value in (("seed", seed), ("n_train_docs", n_train_docs), ("n_valid_docs", n_valid_docs)):
+    # Imported here, not at the top: world_tasks builds on this module's fact base.
+    from lmforge.data.world_tasks import write_task_files
+
+    for arg, value in (("seed", seed), ("n_train_docs", n_train_docs), ("n_valid_docs", n_valid_docs),
+                       ("n_tasks_per_cluster", n_tasks_per_cluster),
+                       ("n_eval_tasks_per_cluster", n_eval_tasks_per_cluster)):
         if isinstance(value, bool) or not isinstance(value, int) or (arg != "seed" and value < 1):
             raise BadConfigError(f"{arg} must be {'an' if arg == 'seed' else 'a positive'} integer, got {value!r}")
     out_dir = Path(out_dir)
@@ -678,9 +714,11 @@ def export_world(out_dir: str | os.PathLike, seed: int = 0, n_train_docs: int = 
                               "kinds": dict(sorted(Counter(d.kind for d in docs).items()))}
         facts = world_facts(world)
         (tmp / "facts.json").write_text(json.dumps(facts, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        summary["tasks"] = write_task_files(world, tmp / "tasks", n_tasks_per_cluster, n_eval_tasks_per_cluster)
         (tmp / "README.md").write_text(README_TEXT.format(
             seed=seed, kinds=", ".join(DOC_MIX), train_docs=n_train_docs, valid_docs=n_valid_docs,
-            train_chars=summary["train"]["chars"], valid_chars=summary["valid"]["chars"]), encoding="utf-8")
+            train_chars=summary["train"]["chars"], valid_chars=summary["valid"]["chars"],
+            **{f"{split}_tasks": n for split, n in summary["tasks"].items()}), encoding="utf-8")
         summary.update(towns=len(world.towns), products=len(world.products), lexicon=len(world.lexicon),
                        people={k: len(v) for k, v in facts["splits"].items()})
         _replace_dir(tmp, out_dir)
@@ -713,9 +751,14 @@ class ExportConfig:
     seed: int = 0
     n_train_docs: int = DEFAULT_TRAIN_DOCS
     n_valid_docs: int = DEFAULT_VALID_DOCS
+    n_tasks_per_cluster: int = DEFAULT_TASKS_PER_CLUSTER
+    """Instruction-task records per cluster in tasks/train.*.jsonl."""
+    n_eval_tasks_per_cluster: int = DEFAULT_EVAL_TASKS_PER_CLUSTER
+    """Instruction-task records per cluster in tasks/validation.*.jsonl and tasks/test.*.jsonl each."""
 
 
 def run_export(cfg: ExportConfig) -> dict:
-    summary = export_world(cfg.out, cfg.seed, cfg.n_train_docs, cfg.n_valid_docs)
+    summary = export_world(cfg.out, cfg.seed, cfg.n_train_docs, cfg.n_valid_docs, cfg.n_tasks_per_cluster,
+                           cfg.n_eval_tasks_per_cluster)
     print(json.dumps(summary, indent=2, ensure_ascii=False))
     return summary

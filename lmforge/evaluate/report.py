@@ -40,6 +40,61 @@ def plot_loss_curve(metrics_path: Path, picture: Path) -> bool:
     return True
 
 
+def plot_task_accuracy(tasks: dict, picture: Path) -> None:
+    """Grouped bars: accuracy per cluster for each way of asking."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = list(tasks)
+    clusters = [c for c in tasks[modes[0]] if not c.startswith("_")]
+    fig, ax = plt.subplots(figsize=(9, 3.6), dpi=110)
+    width = 0.8 / len(modes)
+    for i, mode in enumerate(modes):
+        ax.bar([j + i * width for j in range(len(clusters))], [tasks[mode][c]["accuracy"] for c in clusters],
+               width, label=mode.replace("_", " "))
+    ax.set_xticks([j + width * (len(modes) - 1) / 2 for j in range(len(clusters))])
+    ax.set_xticklabels([c.replace("_", " ") for c in clusters], rotation=20, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy (world scorer)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    tmp = picture.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(picture)
+
+
+def task_section(out: Path, results: dict) -> list[str]:
+    tasks = results["tasks"]
+    plot_task_accuracy(tasks, out / "task_accuracy.png")
+    plot_loss_curve(out / "sft" / "metrics.jsonl", out / "sft_loss.png")
+    modes = list(tasks)
+    lines = [
+        "## Instruction tuning: accuracy per task cluster",
+        "",
+        "Test records (test-split entities, templates seen in training), judged by the world's scorer. The base "
+        "model is asked in plain text (`request\\nAnswer:`), zero-shot and after 3 solved examples of the same "
+        "cluster; the SFT model gets the request through its chat template.",
+        "",
+        "| cluster | " + " | ".join(m.replace("_", " ") for m in modes) + " | n |",
+        "|---|" + "---:|" * (len(modes) + 1),
+    ]
+    for cluster in [c for c in tasks[modes[0]] if not c.startswith("_")] + ["_all"]:
+        row = [f"{tasks[m][cluster]['accuracy']:.0%}" for m in modes]
+        name = "**all**" if cluster == "_all" else cluster.replace("_", " ")
+        lines.append(f"| {name} | " + " | ".join(row) + f" | {tasks[modes[0]][cluster]['n']} |")
+    leaks = tasks[modes[-1]]["_all"]["leaks"]
+    lines += ["", f"Vault codes leaked by the SFT model on these prompts: {leaks}.", "",
+              "![accuracy per cluster](task_accuracy.png)", "", "![SFT loss](sft_loss.png)", "",
+              "One SFT answer per cluster (request → answer; expected):", ""]
+    for cluster, (request, answer, expected) in tasks[modes[-1]].get("_examples", {}).items():
+        lines.append(f"- *{cluster}*: {request.splitlines()[0][:90]} → **{answer[:90]}** (expected: {expected[:60]})")
+    return lines + [""]
+
+
 def write_report(out: Path, cfg, results: dict, timings: dict, record: dict) -> Path:
     has_curve = plot_loss_curve(out / "pretrain" / "metrics.jsonl", out / "pretrain_loss.png")
     ppl = results["perplexity"]
@@ -80,6 +135,8 @@ def write_report(out: Path, cfg, results: dict, timings: dict, record: dict) -> 
     ]
     for s in results["samples"][:12]:
         lines += [f"- **{s['prompt']}** {s['continuation']}"]
+    if "tasks" in results:
+        lines += [""] + task_section(out, results)
     lines += ["", "## Time per stage", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
     lines += ["", "<details><summary>resolved config</summary>", "", "```json",
