@@ -134,19 +134,22 @@ def make_batcher(examples, cfg: SFTConfig, row_len: int, pad_id: int, rank: int,
     seed = cfg.train.seed
     packs: dict[int, list[list[int]]] = {}
 
-    def units(epoch: int):
-        if not cfg.packing:
-            return [[int(i)] for i in epoch_order(len(examples), seed, epoch)]
+    def units(epoch: int) -> list[list[int]]:
+        """The rows of one epoch: one example each, or packs of several (their count varies by epoch)."""
         if epoch not in packs:
-            packs[epoch] = pack_rows(examples, epoch_order(len(examples), seed, epoch), row_len)
+            order = epoch_order(len(examples), seed, epoch)
+            packs[epoch] = pack_rows(examples, order, row_len) if cfg.packing else [[int(i)] for i in order]
         return packs[epoch]
 
+    def row_at(index: int) -> list[int]:
+        epoch, start = 0, 0
+        while index >= start + len(units(epoch)):
+            start += len(units(epoch))
+            epoch += 1
+        return units(epoch)[index - start]
+
     def get_micro_batches(step: int):
-        chosen = []
-        for row in range(rank * per_rank, (rank + 1) * per_rank):
-            index = step * cfg.train.batch_size + row
-            n_units = len(units(0))
-            chosen.append(units(index // n_units)[index % n_units])
+        chosen = [row_at(step * cfg.train.batch_size + row) for row in range(rank * per_rank, (rank + 1) * per_rank)]
         batches = []
         for m in range(0, per_rank, micro):
             group = chosen[m:m + micro]
