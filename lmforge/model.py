@@ -68,7 +68,7 @@ class ModelConfig:
 
 
 def _gpt3(n_layers: int, d_model: int, n_heads: int, head_dim: int | None = None) -> ModelConfig:
-    # GPT-3 (Brown et al. 2020, Table 2.1): vocabulary 50257, context 2048, tied embeddings, no GQA.
+    # GPT-3 ("Language Models are Few-Shot Learners", Table 2.1): vocabulary 50257, context 2048, tied embeddings, no GQA.
     return ModelConfig(
         vocab_size=50257, d_model=d_model, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_heads,
         head_dim=head_dim, max_seq_len=2048, tie_embeddings=True,

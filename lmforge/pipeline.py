@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.checkpoint import load_checkpoint, read_record
+from lmforge.checkpoint import load_checkpoint
 from lmforge.data.corpus import read_documents
 from lmforge.data.world import export_world
 from lmforge.data.world_tasks import score

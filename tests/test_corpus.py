@@ -13,7 +13,7 @@ from lmforge.tokenizer import train_tokenizer
 
 SHARED = Path(__file__).parents[2] / "shared"
 
-# GPT-3's training mix (Brown et al. 2020, Table 2.2); the percentages sum to 101.
+# GPT-3's training mix (the GPT-3 paper, Table 2.2); the percentages sum to 101.
 GPT3_MIX = {"common_crawl": 60, "webtext2": 22, "books1": 8, "books2": 8, "wikipedia": 3}
 # Disjoint alphabets, so every token (but BOS, EOS and the space) tells which source it came from.
 ALPHABETS = ["abcde", "fghij", "klmno", "pqrst", "uvwxy"]

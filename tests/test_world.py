@@ -3,7 +3,6 @@ particles, and the atomic export (the instruction tasks it also writes are teste
 
 import json
 import re
-from collections import Counter
 from pathlib import Path
 
 import pytest

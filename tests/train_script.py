@@ -24,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lmforge import checkpoint  # noqa: E402
 from lmforge.model import ModelConfig, Transformer  # noqa: E402
 from lmforge.tokenizer import train_tokenizer  # noqa: E402
-from lmforge.train import loop  # noqa: E402
 from lmforge.train.loop import TrainConfig, micro_batch_count, train, world_info  # noqa: E402
 
 

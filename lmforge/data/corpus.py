@@ -126,7 +126,8 @@ def _looks_like_hub_name(name: str) -> bool:
             and Path(name).suffix.lower() not in (".txt", ".jsonl", ".json", ".csv") and not Path(name).parent.exists())
 
 
-def _read_hf_dataset(name: str, text_field: str, local: bool) -> Iterator[str]:
+def hf_train_split(name: str, local: bool):
+    """The train split of a Hugging Face dataset: a local `save_to_disk` directory, or a Hub name."""
     try:
         import datasets  # optional: only users of Hugging Face datasets need it
     except ImportError:
@@ -137,6 +138,11 @@ def _read_hf_dataset(name: str, text_field: str, local: bool) -> Iterator[str]:
         if "train" not in ds:
             raise BadFileError(f"{name}: no 'train' split (splits: {list(ds)})")
         ds = ds["train"]
+    return ds
+
+
+def _read_hf_dataset(name: str, text_field: str, local: bool) -> Iterator[str]:
+    ds = hf_train_split(name, local)
     if text_field not in ds.column_names:
         raise BadFileError(f"{name}: no column {text_field!r} (columns: {ds.column_names})")
     row = 0
@@ -151,7 +157,7 @@ def _read_hf_dataset(name: str, text_field: str, local: bool) -> Iterator[str]:
 @dataclass(frozen=True)
 class Source:
     """One input of a mixture. Weights are relative token shares, renormalised to sum to 1, so GPT-3's mix
-    (Brown et al. 2020, Table 2.2) can be written as published although its percentages sum to 101:
+    (the GPT-3 paper, Table 2.2) can be written as published although its percentages sum to 101:
 
         [Source("common_crawl.jsonl", 60), Source("webtext2.jsonl", 22), Source("books1.txt", 8),
          Source("books2.txt", 8), Source("wikipedia.jsonl", 3)]   ->  0.594, 0.218, 0.079, 0.079, 0.030

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from lmforge.data.corpus import HF_DATASET_MARKERS, _looks_like_hub_name
+from lmforge.data.corpus import HF_DATASET_MARKERS, _looks_like_hub_name, hf_train_split
 from lmforge.errors import BadConfigError, BadFileError
 from lmforge.tokenizer import ROLES, Tokenizer
 
@@ -116,17 +116,7 @@ def _object(record, where: str) -> tuple[str, dict]:
 
 
 def _hf_records(name: str, local: bool) -> Iterator[tuple[str, dict]]:
-    try:
-        import datasets  # optional: only users of Hugging Face datasets need it
-    except ImportError:
-        raise BadConfigError(f"{name}: reading a Hugging Face dataset needs the `datasets` package: "
-                             "pip install datasets") from None
-    ds = datasets.load_from_disk(name) if local else datasets.load_dataset(name, split="train")
-    if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            raise BadFileError(f"{name}: no 'train' split (splits: {list(ds)})")
-        ds = ds["train"]
-    for i, record in enumerate(ds):
+    for i, record in enumerate(hf_train_split(name, local)):
         yield f"{name}: row {i}", dict(record)
 
 

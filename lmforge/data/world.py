@@ -9,7 +9,7 @@ instruction tasks built on the same facts (`lmforge.data.world_tasks`).
 The facts fall into three disjoint sets, each there to make one later measurement possible:
 
 - **pretrain** people: their facts appear in pretraining documents, in several wordings (knowledge is only
-  extractable later if it was seen paraphrased, Allen-Zhu & Li, "Physics of Language Models 3.1"). They are
+  extractable later if it was seen paraphrased, "Physics of Language Models, Part 3.1"). They are
   split *by person* into train / validation / test, so instruction tuning can be scored on people whose facts
   the model saw only as prose, never as question-answer pairs.
 - **heldout** people: their facts never appear in any pretraining document. Asked about them, a model can

@@ -3,7 +3,7 @@
 Every task is made from the fact base of `lmforge.data.world`, in the corpus's own words, so a ~1M-parameter
 model that pretrained on the corpus can learn to follow them after a few hundred SFT steps.
 
-**Clusters** (`all_clusters()`; a cluster is the FLAN unit of hold-out, Wei et al. 2022, "Finetuned Language
+**Clusters** (`all_clusters()`; a cluster is the FLAN unit of hold-out, "Finetuned Language
 Models Are Zero-Shot Learners"):
 
 - `sentiment`: a product review (written like the corpus's) -> "positive" / "negative".

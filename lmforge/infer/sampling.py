@@ -9,7 +9,7 @@ Order (Hugging Face `generate()`, identical in 4.57 and 5.x; `tests/test_samplin
 
     repetition penalty -> frequency/presence penalties ->  [only when sampling]  temperature -> top-k -> top-p -> min-p
 
-- **repetition_penalty** θ (CTRL, Keskar et al. 2019): for each *distinct* id in prompt + generated, z > 0 -> z/θ,
+- **repetition_penalty** θ (the CTRL paper): for each *distinct* id in prompt + generated, z > 0 -> z/θ,
   z < 0 -> z·θ. θ > 1 discourages repeats. HF's `RepetitionPenaltyLogitsProcessor`.
 - **frequency_penalty** α_f / **presence_penalty** α_p (OpenAI): z_i -= α_f·count_i + α_p·[count_i > 0], counted
   over *generated* ids only. HF has no equivalent; like vLLM they come right after the repetition penalty.
