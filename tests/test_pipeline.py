@@ -36,6 +36,22 @@ def test_quick_run_report_and_results(quick_run):
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0  # it learned
 
 
+def test_quick_run_instruction_tuning_section(quick_run):
+    results = json.loads((quick_run / "eval" / "results.json").read_text())
+    tasks = results["tasks"]
+    assert set(tasks) == {"base_zero_shot", "base_few_shot", "sft_zero_shot"}
+    clusters = {c for c in tasks["sft_zero_shot"] if not c.startswith("_")}
+    assert len(clusters) == 8 and "forbidden" in clusters
+    for mode in tasks.values():
+        assert mode["_all"]["n"] == sum(mode[c]["n"] for c in clusters)
+        assert all(0.0 <= mode[c]["accuracy"] <= 1.0 for c in clusters)
+    report = (quick_run / "report.md").read_text()
+    assert "## Instruction tuning: accuracy per task cluster" in report and "task_accuracy.png" in report
+    assert (quick_run / "task_accuracy.png").is_file() and (quick_run / "sft" / "final" / "lmforge.json").is_file()
+    _, _, record = load_checkpoint(quick_run / "sft" / "final")
+    assert record["lineage"]["stage"] == "sft" and record["lineage"]["parent"].endswith("pretrain/final")
+
+
 def test_quick_checkpoint_loads_in_transformers(quick_run):
     transformers = pytest.importorskip("transformers")
     final = quick_run / "pretrain" / "final"

@@ -60,7 +60,7 @@ def cluster_accuracy(model, tokenizer, records: list[dict], score: Callable[[dic
     keep = engine.max_len - max_new_tokens
     prompts = [p[-keep:] for p in prompts]  # long few-shot prompts lose their oldest exemplars' start
     params = SamplingParams(temperature=0, max_new_tokens=max_new_tokens,
-                            stop=() if mode == "chat" else ("\n\n",))
+                            stop=() if mode == "chat" else ("\n",))
     outputs = engine.generate(prompts, params)
     tally: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
     examples = {}
