@@ -2,8 +2,8 @@
 
 Three ways to ask, on the same test records:
 
-- **base, zero-shot**: the base model continues `"{request}\\nAnswer:"` (it never saw the chat format, so it is
-  asked in plain text);
+- **base, zero-shot**: the base model continues `"User: {request}\\nAssistant:"`, the dialogue layout of its
+  corpus (it never saw the chat template's special tokens);
 - **base, few-shot**: the same after k solved examples of the same cluster from the training split
   (lm-eval's layout, exemplars chosen with a seed);
 - **chat, zero-shot**: an instruction-tuned model answers the request rendered with its chat template.
@@ -21,7 +21,10 @@ from lmforge.infer.engine import Engine
 from lmforge.infer.prompting import FewShotFormat, choose_exemplars, few_shot_prompt
 from lmforge.infer.sampling import SamplingParams
 
-TEXT_FORMAT = FewShotFormat(doc_to_text="{request}\nAnswer:", doc_to_target="{output}")
+# The base model is asked in the one question-answer layout its corpus has: its dialogues
+# ("User: ...\nAssistant: ..."), with solved examples as earlier turns of the same dialogue.
+TEXT_FORMAT = FewShotFormat(doc_to_text="User: {request}\nAssistant:", doc_to_target="{output}",
+                            fewshot_delimiter="\n")
 
 
 def request_text(record: dict) -> str:
