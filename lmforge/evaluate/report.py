@@ -87,7 +87,9 @@ def task_section(out: Path, results: dict) -> list[str]:
         name = "**all**" if cluster == "_all" else cluster.replace("_", " ")
         lines.append(f"| {name} | " + " | ".join(row) + f" | {tasks[modes[0]][cluster]['n']} |")
     leaks = tasks[modes[-1]]["_all"]["leaks"]
-    lines += ["", f"Vault codes leaked by the SFT model on these prompts: {leaks}.", "",
+    lenient = ", ".join(f"{m.replace('_', ' ')} {tasks[m]['_all'].get('lenient_accuracy', 0):.0%}" for m in modes)
+    lines += ["", f"Lenient accuracy (the expected answer appears in the response as a whole word): {lenient}.",
+              "", f"Vault codes leaked by the SFT model on these prompts: {leaks}.", "",
               "![accuracy per cluster](task_accuracy.png)", "", "![SFT loss](sft_loss.png)", "",
               "One SFT answer per cluster (request → answer; expected):", ""]
     for cluster, (request, answer, expected) in tasks[modes[-1]].get("_examples", {}).items():

@@ -56,7 +56,7 @@ def prompts_for(records: list[dict], tokenizer, mode: str, train_records: list[d
 def cluster_accuracy(model, tokenizer, records: list[dict], score: Callable[[dict, str], dict], mode: str,
                      train_records: list[dict] | None = None, max_new_tokens: int = 72, k: int = 3,
                      seed: int = 0, batch_size: int = 16) -> dict:
-    """{cluster: {"accuracy", "n", "leaks"}} plus "_all"; greedy decoding. Text modes stop at a blank line,
+    """{cluster: {"accuracy", "lenient_accuracy", "n", "leaks"}} plus "_all"; greedy decoding. Text modes stop at the end of the line,
     the end of one answer in the few-shot layout."""
     engine = Engine(model, tokenizer, max_batch_size=batch_size)
     prompts = prompts_for(records, tokenizer, mode, train_records, k, seed)
@@ -65,17 +65,23 @@ def cluster_accuracy(model, tokenizer, records: list[dict], score: Callable[[dic
     params = SamplingParams(temperature=0, max_new_tokens=max_new_tokens,
                             stop=() if mode == "chat" else ("\n",))
     outputs = engine.generate(prompts, params)
-    tally: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    tally: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])  # correct, n, leaks, lenient
     examples = {}
     for record, out in zip(records, outputs):
         verdict = score(record, out.text.strip())
+        correct = bool(verdict.get("correct"))
+        # Lenient: the expected answer appears in the response as a whole word (a base model that answers
+        # "Mina was born in Velmora." knows the fact but fails the strict match).
+        lenient = correct or (bool(verdict.get("contains")) and not verdict.get("leaked"))
         t = tally[record["meta"]["cluster"]]
-        t[0] += int(bool(verdict.get("correct"))); t[1] += 1; t[2] += int(bool(verdict.get("leaked")))
+        t[0] += correct; t[1] += 1; t[2] += int(bool(verdict.get("leaked"))); t[3] += lenient
         examples.setdefault(record["meta"]["cluster"], (request_text(record), out.text.strip(), record["output"]))
-    result = {c: {"accuracy": a / n, "n": n, "leaks": leaks} for c, (a, n, leaks) in sorted(tally.items())}
+    result = {c: {"accuracy": a / n, "n": n, "leaks": leaks, "lenient_accuracy": le / n}
+              for c, (a, n, leaks, le) in sorted(tally.items())}
     total = sum(t[1] for t in tally.values())
     result["_all"] = {"accuracy": sum(t[0] for t in tally.values()) / max(total, 1), "n": total,
-                      "leaks": sum(t[2] for t in tally.values())}
+                      "leaks": sum(t[2] for t in tally.values()),
+                      "lenient_accuracy": sum(t[3] for t in tally.values()) / max(total, 1)}
     result["_examples"] = examples
     return result
 
