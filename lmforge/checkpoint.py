@@ -201,8 +201,8 @@ def read_record(directory: str | Path) -> dict:
 
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer, dict]:
     """Load (model, tokenizer, record), checking every file against the sizes and hashes in lmforge.json."""
-    directory = _recover(Path(directory))
-    record = read_record(directory)
+    directory = Path(directory)
+    record = read_record(directory)  # puts back a checkpoint a crash left renamed aside
     for name, expected in record.get("files", {}).items():
         path = directory / name
         if not path.is_file():

@@ -30,7 +30,8 @@ from lmforge.data.world import export_world
 from lmforge.data.world_tasks import score
 from lmforge.evaluate.world_tasks import cluster_accuracy, sample_per_cluster
 from lmforge.evaluate.perplexity import perplexity, unigram_perplexity
-from lmforge.infer.engine import greedy
+from lmforge.infer.engine import Engine
+from lmforge.infer.sampling import SamplingParams
 from lmforge.tokenizer import train_tokenizer
 from lmforge.train.loop import TrainConfig
 from lmforge.train.pretrain import PretrainConfig, pretrain
@@ -200,11 +201,10 @@ def run(cfg: RunConfig) -> dict:
     with torch.no_grad():
         model_ppl = perplexity(model, tokenizer, valid_texts)
     unigram_ppl = unigram_perplexity(train_texts, valid_texts, tokenizer)
-    samples = []
-    for prompt in sample_prompts(valid_texts, cfg.n_samples):
-        ids = greedy(model, tokenizer.encode(prompt, add_bos=True), MAX_SAMPLE_TOKENS, stop_ids=(tokenizer.eos_id,))
-        samples.append({"prompt": prompt, "continuation": tokenizer.decode(ids),
-                        "finished": len(ids) < MAX_SAMPLE_TOKENS})
+    prompts = sample_prompts(valid_texts, cfg.n_samples)
+    outputs = Engine(model, tokenizer).generate(prompts, SamplingParams(temperature=0, max_new_tokens=MAX_SAMPLE_TOKENS))
+    samples = [{"prompt": p, "continuation": o.text, "finished": o.finish_reason == "stop"}
+               for p, o in zip(prompts, outputs)]
     overlap = ngram_overlap([complete_words(s) for s in samples], train_texts, n=4)
     results = {
         "perplexity": {"model": model_ppl, "unigram": unigram_ppl,

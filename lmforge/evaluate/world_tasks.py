@@ -17,6 +17,7 @@ import random
 from collections import defaultdict
 from typing import Callable
 
+from lmforge.data.world_tasks import prompt_text
 from lmforge.infer.engine import Engine
 from lmforge.infer.prompting import FewShotFormat, choose_exemplars, few_shot_prompt
 from lmforge.infer.sampling import SamplingParams
@@ -27,19 +28,14 @@ TEXT_FORMAT = FewShotFormat(doc_to_text="User: {request}\nAssistant:", doc_to_ta
                             fewshot_delimiter="\n")
 
 
-def request_text(record: dict) -> str:
-    """The user's turn: the instruction, then the input after a blank line (as the chat export writes it)."""
-    return record["instruction"] + ("\n\n" + record["input"] if record.get("input") else "")
-
-
 def _doc(record: dict) -> dict:
-    return {"request": request_text(record), "output": record["output"]}
+    return {"request": prompt_text(record), "output": record["output"]}
 
 
 def prompts_for(records: list[dict], tokenizer, mode: str, train_records: list[dict] | None = None,
                 k: int = 3, seed: int = 0) -> list[list[int]]:
     if mode == "chat":
-        return [tokenizer.render_prompt([{"role": "user", "content": request_text(r)}]) for r in records]
+        return [tokenizer.render_prompt([{"role": "user", "content": prompt_text(r)}]) for r in records]
     by_cluster = defaultdict(list)
     for r in train_records or []:
         by_cluster[r["meta"]["cluster"]].append(_doc(r))
@@ -75,7 +71,7 @@ def cluster_accuracy(model, tokenizer, records: list[dict], score: Callable[[dic
         lenient = correct or (bool(verdict.get("contains")) and not verdict.get("leaked"))
         t = tally[record["meta"]["cluster"]]
         t[0] += correct; t[1] += 1; t[2] += int(bool(verdict.get("leaked"))); t[3] += lenient
-        examples.setdefault(record["meta"]["cluster"], (request_text(record), out.text.strip(), record["output"]))
+        examples.setdefault(record["meta"]["cluster"], (prompt_text(record), out.text.strip(), record["output"]))
     result = {c: {"accuracy": a / n, "n": n, "leaks": leaks, "lenient_accuracy": le / n}
               for c, (a, n, leaks, le) in sorted(tally.items())}
     total = sum(t[1] for t in tally.values())

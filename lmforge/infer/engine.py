@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Sequence
 
 import torch
@@ -427,28 +427,5 @@ class Engine:
 
 def _one_sample(params: SamplingParams, j: int) -> SamplingParams:
     """The j-th of n samples: n = 1, and a seed of its own (seed + j) so the samples differ but repeat."""
-    from dataclasses import replace
-
     return replace(params, n=1, seed=None if params.seed is None else params.seed + j)
 
-
-@torch.no_grad()
-def greedy(model, prompt_ids: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> list[int]:
-    """The argmax continuation of one prompt, stopping after a stop token (not returned) or at the limit or the
-    model's context: the simplest use of the KV cache, kept for scripts that need nothing more."""
-    device = next(model.parameters()).device
-    budget = min(max_new_tokens, model.cfg.max_seq_len - len(prompt_ids))
-    if budget <= 0:
-        return []
-    cache = model.new_kv_cache(batch_size=1, max_len=len(prompt_ids) + budget)
-    logits = model(torch.tensor([prompt_ids], device=device), kv_cache=cache)[:, -1]  # prefill: (1, V)
-    out: list[int] = []
-    for _ in range(budget):
-        token = int(logits.argmax(-1))
-        if token in stop_ids:
-            break
-        out.append(token)
-        if len(out) == budget:
-            break
-        logits = model(torch.tensor([[token]], device=device), kv_cache=cache)[:, -1]
-    return out

@@ -287,6 +287,7 @@ def train(
 
             # --- forward and backward over the micro-batches ---------------------------------------------
             step_metrics: dict[str, float] = {}
+            loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per micro-step
             batches = get_micro_batches(step)
             if len(batches) != n_micro:
                 raise BadConfigError(f"step {step}: got {len(batches)} micro-batches, expected {n_micro}")
@@ -296,7 +297,7 @@ def train(
                     with autocast:
                         loss, metrics = loss_fn(trained, _to_device(batch, device))
                     (loss / n_micro).backward()
-                step_metrics["loss"] = step_metrics.get("loss", 0.0) + loss.item() / n_micro
+                loss_sum += loss.detach().float() / n_micro
                 for k, v in metrics.items():
                     if k == "n_tokens":
                         continue
@@ -304,6 +305,7 @@ def train(
                 tokens_since += int(metrics.get("n_tokens", _count_tokens(batch)))
 
             # --- stop before a bad update can reach the weights ------------------------------------------
+            step_metrics["loss"] = loss_sum.item()
             if world_size > 1:
                 step_metrics = _mean_across_ranks(step_metrics, device)
             grad_norm = torch.nn.utils.clip_grad_norm_(
