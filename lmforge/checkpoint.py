@@ -171,6 +171,8 @@ def save_checkpoint(
     record = {
         "format_version": FORMAT_VERSION, "kind": kind, "configs": configs, "config_hash": config_hash(configs),
         "lineage": lineage or {}, "metrics": metrics or {}, "tokenizer_fingerprint": tokenizer.fingerprint(),
+        # an imported model keeps its own `transformers` tokenizer (and chat template)
+        "tokenizer": "lmforge" if isinstance(tokenizer, Tokenizer) else "transformers",
         "files": {p.name: _file_record(p) for p in sorted(tmp.iterdir())},
     }
     _write_json(tmp / "lmforge.json", record)
@@ -211,7 +213,12 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
         if actual != expected:
             raise BadFileError(f"{path}: corrupt (size or SHA-256 differs from lmforge.json)")
     cfg = model_config_from_dict(record["configs"]["model"])
-    tokenizer = Tokenizer.load(directory)
+    if record.get("tokenizer") == "transformers":
+        from lmforge.hf import HFTokenizer
+
+        tokenizer = HFTokenizer.load(directory)
+    else:
+        tokenizer = Tokenizer.load(directory)
     if tokenizer.fingerprint() != record.get("tokenizer_fingerprint", tokenizer.fingerprint()):
         raise MismatchError(f"{directory / 'tokenizer.json'}: vocabulary does not match the one the model was trained with")
     if tokenizer.vocab_size > cfg.vocab_size:

@@ -14,6 +14,7 @@ other `transformers` causal LM (GPT-2, say) wrapped in `HFCausalLM`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from safetensors.torch import load_file
 from lmforge.checkpoint import from_hf_config, from_hf_state_dict
 from lmforge.errors import BadFileError
 from lmforge.model import Transformer
+from lmforge.tokenizer import check_message
 
 LLAMA_FAMILY = ("llama", "mistral")  # same tensors and maths when biases and rope scaling are absent
 
@@ -115,11 +117,62 @@ class HFTokenizer:
     def decode(self, ids, skip_special: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special, clean_up_tokenization_spaces=False)
 
-    def render_prompt(self, messages: list[dict]) -> list[int]:
-        if not getattr(self.hf, "chat_template", None):
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.hf, "chat_template", None))
+
+    def _template_ids(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+        if not self.has_chat_template:
             raise BadFileError(f"{self.hf.name_or_path}: the tokenizer has no chat template")
-        out = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(out["input_ids"] if not isinstance(out, list) else out)
+        out = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+        return list(out if isinstance(out, list) else out["input_ids"])
+
+    def render_prompt(self, messages: list[dict]) -> list[int]:
+        return self._template_ids(messages, add_generation_prompt=True)
+
+    def render(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        """Messages -> (ids, loss_mask) through the model's own chat template. The template is rendered once per
+        prefix of the conversation: an assistant turn's tokens are what its message adds after the generation
+        prompt (content and whatever end-of-turn marker the template writes), and only they are trained."""
+        for i, message in enumerate(messages):
+            check_message(message, i)
+        ids: list[int] = []
+        loss_mask: list[int] = []
+
+        def extend(new: list[int], trained: int) -> None:
+            if new[:len(ids)] != ids:
+                raise BadFileError(f"{self.hf.name_or_path}: the chat template re-renders earlier turns differently "
+                                   "once a message is added, so assistant tokens cannot be masked exactly")
+            loss_mask.extend([trained] * (len(new) - len(ids)))
+            ids[:] = new
+
+        for i, message in enumerate(messages):
+            if message["role"] == "assistant":
+                extend(self._template_ids(messages[:i], add_generation_prompt=True), 0)
+                extend(self._template_ids(messages[:i + 1], add_generation_prompt=False), 1)
+            else:
+                extend(self._template_ids(messages[:i + 1], add_generation_prompt=False), 0)
+        return ids, loss_mask
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(sorted(self.hf.get_vocab().items()), ensure_ascii=False)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def save(self, directory: str | Path, model_max_length: int | None = None) -> None:
+        if model_max_length:
+            self.hf.model_max_length = model_max_length
+        self.hf.save_pretrained(str(directory))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "HFTokenizer":
+        try:
+            import transformers
+        except ImportError:
+            raise BadFileError(f"{directory}: this tokenizer needs `pip install 'lmforge[hf]'`") from None
+        try:
+            return cls(transformers.AutoTokenizer.from_pretrained(str(directory)))
+        except (OSError, ValueError) as e:
+            raise BadFileError(f"{directory}: no usable tokenizer ({str(e).splitlines()[0]})") from None
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
@@ -137,10 +190,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
         import transformers
     except ImportError:
         raise BadFileError(f"{path}: loading Hugging Face models needs `pip install 'lmforge[hf]'`") from None
-    try:
-        tokenizer = HFTokenizer(transformers.AutoTokenizer.from_pretrained(path))
-    except (OSError, ValueError) as e:
-        raise BadFileError(f"{path}: no usable tokenizer ({str(e).splitlines()[0]})") from None
+    tokenizer = HFTokenizer.load(path)
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
     if model_type in LLAMA_FAMILY:
         return load_hf_llama(path).to(device).eval(), tokenizer

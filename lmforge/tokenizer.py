@@ -115,7 +115,7 @@ class Tokenizer:
         """Messages -> (ids, loss_mask): 1 on assistant content and on the EOS that ends each assistant turn."""
         ids, loss_mask = [self.bos_id], [0]
         for i, message in enumerate(messages):
-            role, content = _check_message(message, i)
+            role, content = check_message(message, i)
             trained = int(role == "assistant")
             content_ids = self.encode(content)
             ids += [self.role_ids[role], *content_ids, self.eos_id]
@@ -170,7 +170,7 @@ class Tokenizer:
         return tokenizer
 
 
-def _check_message(message: dict, index: int) -> tuple[str, str]:
+def check_message(message: dict, index: int) -> tuple[str, str]:
     if not isinstance(message, dict) or "role" not in message or "content" not in message:
         raise BadConfigError(f"message {index}: needs 'role' and 'content', got {message!r:.80}")
     role, content = message["role"], message["content"]

@@ -177,3 +177,64 @@ def test_bad_sft_input(base, tokenizer, tmp_path):
     with pytest.raises(BadConfigError, match="chat_template"):
         sft(SFTConfig(model=str(plain), data=str(good), out=str(tmp_path / "o3")))
     assert not (tmp_path / "o3").exists()
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def _transformers_llama_dir(tokenizer, path):
+    """A random Llama saved by `transformers`, with a tokenizer of a different chat layout (ChatML)."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer as RawTokenizer
+
+    raw = RawTokenizer.from_str(tokenizer.hf.to_str())
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|bos|>", eos_token="<|im_end|>",
+                                                  pad_token="<|pad|>",
+                                                  additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    hf_tok.chat_template = CHATML
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(hf_tok), hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64, tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    hf_tok.save_pretrained(path)
+    return path
+
+
+def test_transformers_chat_template_masks_exactly_the_assistant_turns(tokenizer, tmp_path):
+    from lmforge.hf import HFTokenizer
+
+    hf_tok = HFTokenizer.load(_transformers_llama_dir(tokenizer, tmp_path / "hf"))
+    conversation = CONVERSATIONS[2]
+    ids, mask = hf_tok.render(conversation)
+    assert ids == hf_tok.hf.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"]
+    trained = hf_tok.decode([i for i, m in zip(ids, mask) if m], skip_special=False)
+    assert trained == "cat<|im_end|>\ndog<|im_end|>\n"
+    assert hf_tok.render_prompt(conversation[:1]) == ids[:mask.index(1)]
+
+
+def test_lora_on_a_transformers_llama(tokenizer, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    source = _transformers_llama_dir(tokenizer, tmp_path / "hf")
+    data = _chat_file(tmp_path / "train.jsonl", CONVERSATIONS, repeat=4)
+    cfg = SFTConfig(model=str(source), data=str(data), out=str(tmp_path / "lora"), lora=True, lora_rank=4,
+                    train=TrainConfig(steps=30, batch_size=4, lr=1e-2, warmup_steps=2, eval_every=1000,
+                                      progress=False, log_every=1))
+    final = sft(cfg)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "lora" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0]
+    ours, tok, record = load_checkpoint(final)
+    assert record["tokenizer"] == "transformers" and tok.render(CONVERSATIONS[0])[0]  # ChatML kept
+    hf = transformers.AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+    base = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    x = torch.randint(0, tok.vocab_size, (2, 20))
+    with torch.no_grad():
+        assert (hf(x).logits - ours(x)).abs().max().item() <= 1e-4
+        assert (hf(x).logits - base(x).logits).abs().max().item() > 1e-3  # the merged adapter changed it
+    # the merged weights differ from the base only where adapters were attached
+    merged_sd, base_sd = hf.state_dict(), base.state_dict()
+    for name, value in base_sd.items():
+        changed = not torch.equal(merged_sd[name], value)
+        assert changed == any(t in name for t in cfg.lora_targets), name

@@ -18,6 +18,10 @@ Batches, two ways:
 Batches are a function of the step (a seeded permutation per epoch), so resume is exact as in pretraining.
 LoRA goes through `peft` on the native model (`q_proj` ... `down_proj`); checkpoints are saved merged, so
 they load in `transformers` as plain Llama, with the adapter beside them (`adapter/`).
+
+`--model` may also be a local Llama-family `transformers` directory: it is imported natively (same logits) and
+keeps its own tokenizer and chat template, which renders the conversations; the mask comes from rendering each
+prefix of a conversation, so it is exact for any template that only appends.
 """
 
 from __future__ import annotations
@@ -32,9 +36,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmforge.checkpoint import load_checkpoint, save_checkpoint
+from lmforge.checkpoint import save_checkpoint
 from lmforge.data.instructions import load_sft_dataset
 from lmforge.errors import BadConfigError
+from lmforge.hf import HFCausalLM, load_model
 from lmforge.train.loop import TrainConfig, micro_batch_count, train, world_info
 
 IGNORE = -100  # target id cross-entropy skips
@@ -258,7 +263,10 @@ def sft(cfg: SFTConfig, evaluate: Callable | None = None, lineage: dict | None =
     if not cfg.model or not cfg.data:
         raise BadConfigError("sft needs --model CHECKPOINT and --data FILE")
     rank, world_size = world_info()
-    model, tokenizer, record = load_checkpoint(cfg.model)
+    model, tokenizer = load_model(cfg.model)
+    if isinstance(model, HFCausalLM):
+        raise BadConfigError(f"{cfg.model}: fine-tuning needs an lmforge checkpoint or a Llama-family `transformers` "
+                             "model (imported natively); this one can only be evaluated")
     if not tokenizer.has_chat_template:
         raise BadConfigError(f"{Path(cfg.model) / 'tokenizer_config.json'}: no chat_template; chat fine-tuning "
                              "needs one so that `transformers` renders conversations the same way")
