@@ -6,7 +6,8 @@
     runs/NAME/pretrain/final/     the pretrained checkpoint (and metrics.jsonl beside it)
     runs/NAME/sft/final/          the instruction-tuned checkpoint (world task clusters, chat template)
     runs/NAME/eval/results.json   perplexity vs a unigram baseline, greedy samples, 4-gram overlap,
-                                  accuracy per task cluster: base zero-/few-shot vs SFT zero-shot
+                                  accuracy per task cluster: base zero-/few-shot vs SFT zero-shot,
+                                  decoding strategies (quality vs diversity), prompting methods on arithmetic
     runs/NAME/report.md           everything above for a reader, with the loss curve as a picture
 
 Each stage records the config it ran with; a stage whose record matches the current config is skipped, so a
@@ -28,6 +29,8 @@ from lmforge.checkpoint import load_checkpoint
 from lmforge.data.corpus import read_documents
 from lmforge.data.world import export_world
 from lmforge.data.world_tasks import score
+from lmforge.evaluate.decoding import decoding_tradeoffs
+from lmforge.evaluate.prompting import PromptingConfig, arithmetic_prompting
 from lmforge.evaluate.world_tasks import cluster_accuracy, sample_per_cluster
 from lmforge.evaluate.perplexity import perplexity, unigram_perplexity
 from lmforge.infer.engine import Engine
@@ -59,11 +62,16 @@ class RunConfig:
     sft_lr: float = 1e-3
     n_eval_per_cluster: int = 40
     """Test records per task cluster scored for the accuracy table."""
+    n_decoding_per_cluster: int = 5
+    """Test records per cluster decoded by every strategy (greedy, beam, sampling...) for the trade-off table."""
+    n_prompting: int = 48
+    """Arithmetic test problems (a third each of 1, 2 and 3 steps) asked five ways, base and SFT model."""
     progress: bool = True
 
 
 QUICK = dict(preset="nano", vocab_size=512, seq_len=64, pretrain_steps=150, batch_size=16, n_train_docs=1500,
-             n_samples=12, sft_steps=40, sft_batch_size=8, n_eval_per_cluster=4)
+             n_samples=12, sft_steps=40, sft_batch_size=8, n_eval_per_cluster=4,
+             n_decoding_per_cluster=1, n_prompting=6)
 
 
 def resolve(cfg: RunConfig) -> RunConfig:
@@ -251,6 +259,21 @@ def run(cfg: RunConfig) -> dict:
         "sft_zero_shot": cluster_accuracy(sft_model, sft_tokenizer, test_records, score, "chat"),
     }
     timings["task_eval"] = time.perf_counter() - t0
+
+    # --- decoding trade-offs (SFT model) and prompting methods on arithmetic (base and SFT) --------------------
+    t0 = time.perf_counter()
+    results["decoding"] = decoding_tradeoffs(sft_model, sft_tokenizer,
+                                             sample_per_cluster(test_records, cfg.n_decoding_per_cluster, cfg.seed),
+                                             score, seed=cfg.seed)
+    problems = [r for r in read_jsonl(tasks_dir / "test.alpaca.jsonl") if r["meta"]["cluster"] == "arithmetic"]
+    problems = problems[:cfg.n_prompting]  # records cycle through 1, 2 and 3 steps
+    solved = [r for r in train_records if r["meta"]["cluster"] == "arithmetic"]
+    prompting_cfg = PromptingConfig(seed=cfg.seed)
+    results["prompting"] = {
+        "base": arithmetic_prompting(model, tokenizer, problems, solved, chat=False, cfg=prompting_cfg),
+        "sft": arithmetic_prompting(sft_model, sft_tokenizer, problems, solved, chat=True, cfg=prompting_cfg),
+    }
+    timings["decoding_prompting"] = time.perf_counter() - t0
 
     tmp = eval_dir / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False))

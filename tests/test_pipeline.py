@@ -76,3 +76,32 @@ def test_ngram_overlap():
     assert word_ngrams("a b c d e", 4) == [("a", "b", "c", "d"), ("b", "c", "d", "e")]
     assert ngram_overlap(["a b c d e"], ["x a b c d y"], 4) == 0.5
     assert ngram_overlap(["q r s t"], ["a b c d"], 4) == 0.0
+
+
+def test_distinct_n_on_fixed_strings():
+    from lmforge.evaluate.decoding import distinct_n
+
+    assert distinct_n(["a b c", "a b c"], 2) == 2 / 4
+    assert distinct_n(["a b c", "c b a"], 1) == 3 / 6
+    assert distinct_n(["a b", "c d"], 2) == 1.0
+    assert distinct_n(["a"], 2) == 0.0
+
+
+def test_quick_run_decoding_and_prompting_sections(quick_run):
+    results = json.loads((quick_run / "eval" / "results.json").read_text())
+    decoding = results["decoding"]
+    assert set(decoding) >= {"greedy", "beam search (4 beams)", "sampling, T=1.5", "top-p 0.9, T=1.0"}
+    greedy, hot = decoding["greedy"], decoding["sampling, T=1.5"]
+    # greedy repeats itself (4 identical samples: distinct-2 at most 1/4) and writes the model's likeliest text
+    assert greedy["distinct_2"] <= 0.25 + 1e-9 < hot["distinct_2"]
+    assert greedy["perplexity"] < hot["perplexity"]
+    for model in ("base", "sft"):
+        methods = results["prompting"][model]
+        assert list(methods) == ["zero_shot", "few_shot", "few_shot_cot", "zero_shot_cot", "self_consistency"]
+        for row in methods.values():
+            assert 0 <= row["accuracy"] <= 1 and set(row["by_steps"]) == {"1", "2", "3"}
+    assert "Let's think step by step." in results["prompting"]["base"]["zero_shot_cot"]["example"][0]
+    assert "Therefore, the answer (arabic numerals) is" in results["prompting"]["base"]["zero_shot_cot"]["example"][0]
+    report = (quick_run / "report.md").read_text()
+    assert "## Decoding: quality against diversity" in report and "## Prompting: arithmetic" in report
+    assert "| self consistency |" in report

@@ -133,3 +133,86 @@ def test_messages_alternate_and_render_ends_with_assistant():
     assert ids[-1] == tok.role_ids["assistant"]
     assert ids[:-1] == tok.render(messages)[0]
     assert tok.decode(ids, skip_special=False).endswith("favourite food?<|eos|><|assistant|>")
+
+
+# -- chain of thought (evaluation.md §5-6) -----------------------------------------------------------------
+
+from lmforge.infer.prompting import (ANSWER_TRIGGER, COT_FORMAT, DIRECT_FORMAT, extract_answer, majority_vote,
+                                     zero_shot_cot, zero_shot_cot_answer_prompt, zero_shot_cot_prompt,
+                                     zero_shot_prompt)
+
+SUMS = [{"question": "Mina has 4 pears. A friend gives Mina 7 more. How many pears does Mina have now?",
+         "reasoning": "4 + 7 = 11.", "answer": "11"},
+        {"question": "Tor has 9 coins. Tor loses 2. How many coins does Tor have now?",
+         "reasoning": "9 - 2 = 7.", "answer": "7"}]
+
+
+def test_few_shot_cot_prompt_exact_string():
+    query = {"question": "Ana has 3 figs. Ana buys 2 more. How many figs does Ana have now?"}
+    assert few_shot_prompt(query, SUMS, COT_FORMAT) == (
+        "Q: Mina has 4 pears. A friend gives Mina 7 more. How many pears does Mina have now?\n"
+        "A: 4 + 7 = 11. The answer is 11.\n\n"
+        "Q: Tor has 9 coins. Tor loses 2. How many coins does Tor have now?\n"
+        "A: 9 - 2 = 7. The answer is 7.\n\n"
+        "Q: Ana has 3 figs. Ana buys 2 more. How many figs does Ana have now?\nA:")
+    assert few_shot_prompt(query, SUMS[:1], DIRECT_FORMAT).startswith(
+        "Q: Mina has 4 pears. A friend gives Mina 7 more. How many pears does Mina have now?\nA: The answer is 11.\n\n")
+
+
+def test_zero_shot_and_zero_shot_cot_prompts_exact_strings():
+    q = "Tor has 9 coins. Tor loses 2. How many coins does Tor have now?"
+    assert zero_shot_prompt(q) == f"Q: {q}\nA: The answer (arabic numerals) is"
+    assert zero_shot_cot_prompt(q) == f"Q: {q}\nA: Let's think step by step."
+    assert zero_shot_cot_answer_prompt(q, " 9 - 2 = 7.\n") == (
+        f"Q: {q}\nA: Let's think step by step. 9 - 2 = 7.\nTherefore, the answer (arabic numerals) is")
+
+
+@pytest.mark.parametrize("text,method,expected", [
+    ("4 + 7 = 11. The answer is 11.", "after_phrase", "11"),
+    ("The answer is 1,200 coins. Then 5 more.", "after_phrase", "1200"),
+    ("2 * 5 = 10. 10 + 3 = 13.", "after_phrase", "13"),  # no phrase: the last number
+    ("the answer is -4.", "after_phrase", "-4"),
+    ("The answer is 3.0.", "after_phrase", "3"),
+    ("No idea.", "after_phrase", None),
+    (" 12. Then 4 + 4 = 8.", "first_number", "12"),
+    (" 2,500 apples", "first_number", "2500"),
+    (" not sure", "first_number", None),
+])
+def test_extract_answer(text, method, expected):
+    assert extract_answer(text, method) == expected
+
+
+def test_majority_vote():
+    assert majority_vote(["3", "4", "4", None, "3", "4"]) == "4"
+    assert majority_vote([None, "3", "4", "4", "3"]) == "3"  # a tie goes to the answer reached first
+    assert majority_vote([None, None]) is None
+    assert majority_vote([]) is None
+    with pytest.raises(BadConfigError, match="extraction"):
+        extract_answer("1", "last")
+
+
+def test_zero_shot_cot_runs_both_stages_and_answers_from_the_second():
+    q = SUMS[1]["question"]
+    calls = []
+
+    def generate(prompts):
+        calls.append(prompts)
+        if len(calls) == 1:
+            return [" There were 99 coins once, then 9 - 2 = 7."]
+        return [" 7. The 99 is a distraction."] if "99" in prompts[0] else [" 5."]
+
+    [(reasoning, answer)] = zero_shot_cot([zero_shot_cot_prompt(q)], generate,
+                                          lambda p, r: p + " " + r.strip() + "\n" + ANSWER_TRIGGER)
+    assert len(calls) == 2
+    assert calls[1] == [zero_shot_cot_answer_prompt(q, reasoning)]  # stage 2 saw stage 1's reasoning
+    assert answer == "7"  # the first number of stage 2, not the reasoning's 99
+
+
+def test_second_stage_ids_are_the_text_layout():
+    from lmforge.evaluate.prompting import second_stage_prompt
+
+    tok = train_tokenizer(["Q: A: Let's think step by step. Therefore, the answer (arabic numerals) is 9 - 2 = 7."] * 5,
+                          vocab_size=300)
+    q = SUMS[1]["question"]
+    ids = second_stage_prompt(tok, tok.encode(zero_shot_cot_prompt(q), add_bos=True), " 9 - 2 = 7.")
+    assert ids == tok.encode(zero_shot_cot_answer_prompt(q, " 9 - 2 = 7."), add_bos=True)

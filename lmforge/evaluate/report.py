@@ -97,6 +97,51 @@ def task_section(out: Path, results: dict) -> list[str]:
     return lines + [""]
 
 
+def decoding_section(decoding: dict) -> list[str]:
+    lines = [
+        "## Decoding: quality against diversity",
+        "",
+        "The SFT model answers the same test requests (chat template, zero-shot) under each strategy, 4 samples "
+        "per prompt. Accuracy: the world's scorer; perplexity: of the output under the model itself (lower is "
+        "more typical text); distinct-n: unique word n-grams / all n-grams among one prompt's samples (0.25 when "
+        "all 4 are the same).",
+        "",
+        "| strategy | accuracy | output perplexity | distinct-1 | distinct-2 | tokens per answer |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in decoding.items():
+        lines.append(f"| {name} | {row['accuracy']:.0%} | {row['perplexity']:.2f} | {row['distinct_1']:.2f} | "
+                     f"{row['distinct_2']:.2f} | {row['mean_tokens']:.1f} |")
+    return lines + [""]
+
+
+def prompting_section(prompting: dict) -> list[str]:
+    models = list(prompting)
+    methods = list(prompting[models[0]])
+    steps = list(prompting[models[0]][methods[0]]["by_steps"])
+    lines = [
+        "## Prompting: arithmetic word problems asked five ways",
+        "",
+        "Zero-shot (\"The answer (arabic numerals) is\"), few-shot with bare answers, few-shot chain of thought "
+        "(worked exemplars), zero-shot CoT (\"Let's think step by step.\", then \"Therefore, the answer "
+        "(arabic numerals) is\" in a second generation) and self-consistency (5 sampled CoT paths at T=0.7, "
+        "majority vote). Base model in plain text; SFT model through its chat template, triggers prefilled in "
+        "its turn. Accuracy by number of steps:",
+        "",
+        "| method | " + " | ".join(f"{m} {s}-step" for m in models for s in steps) + " | "
+        + " | ".join(f"{m} all" for m in models) + " |",
+        "|---|" + "---:|" * (len(models) * (len(steps) + 1)),
+    ]
+    for method in methods:
+        cells = [f"{prompting[m][method]['by_steps'][s]:.0%}" for m in models for s in steps]
+        cells += [f"**{prompting[m][method]['accuracy']:.0%}**" for m in models]
+        lines.append(f"| {method.replace('_', ' ')} | " + " | ".join(cells) + " |")
+    n = prompting[models[0]][methods[0]]["n"]
+    lines += ["", f"{n} test problems. One base-model few-shot CoT answer: "
+              f"`{prompting[models[0]]['few_shot_cot']['example'][1][:120]}`", ""]
+    return lines
+
+
 def write_report(out: Path, cfg, results: dict, timings: dict, record: dict) -> Path:
     has_curve = plot_loss_curve(out / "pretrain" / "metrics.jsonl", out / "pretrain_loss.png")
     ppl = results["perplexity"]
@@ -139,6 +184,10 @@ def write_report(out: Path, cfg, results: dict, timings: dict, record: dict) -> 
         lines += [f"- **{s['prompt']}** {s['continuation']}"]
     if "tasks" in results:
         lines += [""] + task_section(out, results)
+    if "decoding" in results:
+        lines += decoding_section(results["decoding"])
+    if "prompting" in results:
+        lines += prompting_section(results["prompting"])
     lines += ["", "## Time per stage", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
     lines += ["", "<details><summary>resolved config</summary>", "", "```json",

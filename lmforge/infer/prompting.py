@@ -29,15 +29,25 @@ Chat models get the same exemplars as a conversation ("few-shot as multi-turn"):
 turn is the system instruction and the description joined by the few-shot delimiter.
 
 Exemplars are chosen by `choose_exemplars`, with lm-eval's samplers: a seeded random draw or the first k.
-Chain-of-thought needs no new layout: its exemplars are ordinary ones whose target holds the reasoning, e.g.
-doc_to_target = "{reasoning} The answer is {answer}."
+
+Chain of thought (evaluation.md §5-6):
+
+- **few-shot CoT** needs no new layout: its exemplars are ordinary ones whose target holds the reasoning
+  (`COT_FORMAT`: "Q: ...⏎A: 4 + 7 = 11. The answer is 11."); the answer is read after "The answer is";
+- **zero-shot CoT** is two generations: the reasoning after `"Q: {question}⏎A: Let's think step by step."`,
+  then the answer after that text + the reasoning + `"⏎Therefore, the answer (arabic numerals) is"`; the answer
+  is the first number of the *second* generation;
+- **self-consistency** samples n reasoning paths (few-shot CoT at a temperature), extracts each answer and
+  takes the majority.
 """
 
 from __future__ import annotations
 
 import random
+import re
+from collections import Counter
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 from lmforge.errors import BadConfigError
 
@@ -131,3 +141,80 @@ def few_shot_messages(
         messages.append({"role": "assistant", "content": fmt.target(ex)})
     messages.append({"role": "user", "content": fmt.text(doc)})
     return messages
+
+
+# -- chain of thought ---------------------------------------------------------------------------------------
+
+COT_TRIGGER = "Let's think step by step."
+ANSWER_TRIGGER = "Therefore, the answer (arabic numerals) is"
+DIRECT_TRIGGER = "The answer (arabic numerals) is"  # the zero-shot baseline without reasoning
+QA_TEXT = "Q: {question}\nA:"
+DIRECT_FORMAT = FewShotFormat(doc_to_text=QA_TEXT, doc_to_target="The answer is {answer}.")
+COT_FORMAT = FewShotFormat(doc_to_text=QA_TEXT, doc_to_target="{reasoning} The answer is {answer}.")
+
+
+def zero_shot_prompt(question: str) -> str:
+    return f"{QA_TEXT.format(question=question)} {DIRECT_TRIGGER}"
+
+
+def zero_shot_cot_prompt(question: str, trigger: str = COT_TRIGGER) -> str:
+    """Stage 1 of zero-shot CoT: the model continues with its reasoning."""
+    return f"{QA_TEXT.format(question=question)} {trigger}"
+
+
+def zero_shot_cot_answer_prompt(question: str, reasoning: str, trigger: str = COT_TRIGGER,
+                                answer_trigger: str = ANSWER_TRIGGER) -> str:
+    """Stage 2: the stage-1 prompt, the reasoning it produced, and the answer trigger the model completes."""
+    return f"{zero_shot_cot_prompt(question, trigger)} {reasoning.strip()}\n{answer_trigger}"
+
+
+def zero_shot_cot(stage1_prompts: Sequence, generate: Callable[[list], list[str]],
+                  second_prompt: Callable[[object, str], object]) -> list[tuple[str, str | None]]:
+    """Run zero-shot CoT's two generations: `generate(prompts) -> texts` writes the reasoning after each stage-1
+    prompt, then the answer after `second_prompt(stage1_prompt, reasoning)` (which appends the reasoning and
+    the answer trigger). Returns (reasoning, answer) per prompt; the answer is the first number of the second
+    generation, never a number from the reasoning. Prompts may be text or token ids: only the callables see them."""
+    reasonings = generate(list(stage1_prompts))
+    answers = generate([second_prompt(p, r) for p, r in zip(stage1_prompts, reasonings)])
+    return [(r, extract_answer(a, "first_number")) for r, a in zip(reasonings, answers)]
+
+
+_NUMBER = re.compile(r"-?\d+\.?\d*")
+_ANSWER_IS = re.compile(r"the answer is", re.IGNORECASE)
+
+
+def _clean_number(text: str) -> str:
+    number = text.rstrip(".")
+    return number[:-2] if number.endswith(".0") else number
+
+
+def extract_answer(text: str, method: Literal["after_phrase", "first_number"] = "after_phrase") -> str | None:
+    """The numeric answer in a generation, or None.
+
+    "after_phrase" (few-shot and CoT outputs): the first number after the first "The answer is", else the last
+    number in the text. "first_number" (the second stage of zero-shot CoT, whose generation starts where the
+    answer trigger ends): the first number. Commas are dropped first ("1,200" is 1200), a trailing "." too.
+    """
+    text = text.replace(",", "")
+    if method == "first_number":
+        found = _NUMBER.search(text)
+        return _clean_number(found.group()) if found else None
+    if method != "after_phrase":
+        raise BadConfigError(f"answer extraction must be 'after_phrase' or 'first_number', got {method!r}")
+    phrase = _ANSWER_IS.search(text)
+    if phrase:
+        found = _NUMBER.search(text, phrase.end())
+        if found:
+            return _clean_number(found.group())
+    numbers = _NUMBER.findall(text)
+    return _clean_number(numbers[-1]) if numbers else None
+
+
+def majority_vote(answers: Sequence[str | None]) -> str | None:
+    """The most common extracted answer (None, a path with no answer, never wins); a tie goes to the answer
+    reached first, so the vote is deterministic."""
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return None
+    best = max(counts.values())
+    return next(a for a in answers if a is not None and counts[a] == best)
