@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lmforge.errors import BadFileError, MismatchError
-from lmforge.model import ModelConfig, Transformer, rope_cos_sin
+from lmforge.model import RewardModel, ModelConfig, Transformer, rope_cos_sin
 from lmforge.tokenizer import Tokenizer
 
 KINDS = ("causal_lm", "reward_model", "value_model")
@@ -109,13 +109,17 @@ def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
 
-def from_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, source: str) -> Transformer:
+def from_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, source: str,
+                       with_head: bool = True) -> Transformer:
+    """The native model from `transformers` tensors; `with_head=False` for a reward model's body, which has
+    no unembedding (its head is `score.weight`, loaded by the caller)."""
     with torch.device("meta"):
         model = Transformer(cfg)
     native = {k.removeprefix("model."): v for k, v in state.items()}
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings or not with_head:
         native.pop("lm_head.weight", None)
-    expected = {k: v.shape for k, v in model.state_dict().items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    expected = {k: v.shape for k, v in model.state_dict().items()
+                if not ((cfg.tie_embeddings or not with_head) and k == "lm_head.weight")}
     missing = sorted(set(expected) - set(native))
     unexpected = sorted(k for k in set(native) - set(expected) if "rotary_emb" not in k)
     if missing or unexpected:
@@ -124,7 +128,9 @@ def from_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, source:
         if native[k].shape != shape:
             raise BadFileError(f"{source}: {k} has shape {tuple(native[k].shape)}, config.json implies {tuple(shape)}")
     model.load_state_dict({k: native[k].float() for k in expected}, strict=False, assign=True)
-    if cfg.tie_embeddings:
+    if not with_head:
+        model.lm_head = torch.nn.Identity()
+    elif cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     # The rotary tables were built on the meta device; compute them for real.
     model.rope_cos, model.rope_sin = rope_cos_sin(cfg.resolved_head_dim, cfg.max_seq_len, cfg.rope_theta)
@@ -150,6 +156,9 @@ def save_checkpoint(
     it (their hash decides whether a stage can be skipped); `lineage` names the stage and its parent;
     `trainer_state` (optimizer, step, RNG) goes into trainer_state.pt for exact resume."""
     assert kind in KINDS, kind
+    if isinstance(model, RewardModel):  # LlamaForSequenceClassification: the body's tensors and score.weight
+        kind, extra_tensors = "reward_model", {"score.weight": model.score.weight, **(extra_tensors or {})}
+        model = model.body
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
@@ -157,7 +166,7 @@ def save_checkpoint(
     tmp.mkdir()
 
     tensors = to_hf_state_dict(model)
-    tensors.update(extra_tensors or {})
+    tensors.update({k: v.detach().contiguous().cpu() for k, v in (extra_tensors or {}).items()})
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     _write_json(tmp / "config.json", to_hf_config(model.cfg, tokenizer, kind))
     _write_json(tmp / "generation_config.json", {
@@ -201,10 +210,16 @@ def read_record(directory: str | Path) -> dict:
         raise BadFileError(f"{path}: corrupt JSON at line {e.lineno}") from None
 
 
-def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer, dict]:
-    """Load (model, tokenizer, record), checking every file against the sizes and hashes in lmforge.json."""
+def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu",
+                    kind: str = "causal_lm") -> tuple[Transformer | RewardModel, Tokenizer, dict]:
+    """Load (model, tokenizer, record), checking every file against the sizes and hashes in lmforge.json.
+    `kind` is what the caller needs: a causal LM (`Transformer`) or a reward model (`RewardModel`)."""
     directory = Path(directory)
     record = read_record(directory)  # puts back a checkpoint a crash left renamed aside
+    found = record.get("kind", "causal_lm")
+    if found != kind:
+        raise MismatchError(f"{directory}: a {found.replace('_', ' ')} checkpoint, but a "
+                            f"{kind.replace('_', ' ')} is needed here")
     for name, expected in record.get("files", {}).items():
         path = directory / name
         if not path.is_file():
@@ -230,6 +245,13 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
         state = load_file(str(weights))
     except (SafetensorError, OSError) as e:
         raise BadFileError(f"{weights}: unreadable ({str(e).splitlines()[0]})") from None
+    if kind == "reward_model":
+        score = state.pop("score.weight", None)
+        if score is None:
+            raise BadFileError(f"{weights}: no score.weight (the reward head)")
+        model = RewardModel(from_hf_state_dict(state, cfg, str(weights), with_head=False))
+        model.score.weight.data.copy_(score.float())
+        return model.to(device), tokenizer, record
     state = {k: v for k, v in state.items() if k.startswith("model.") or k == "lm_head.weight"}
     model = from_hf_state_dict(state, cfg, str(weights)).to(device)
     return model, tokenizer, record

@@ -298,6 +298,28 @@ class Transformer(nn.Module):
                        max_len or self.cfg.max_seq_len, dtype=p.dtype, device=p.device)
 
 
+class RewardModel(nn.Module):
+    """A scalar reward for a whole (prompt, response) sequence: the transformer without its unembedding and a
+    linear head `d_model -> 1` read at the last real token, the EOS that closes the response (InstructGPT's
+    reward model). Saved, it is a `transformers` `LlamaForSequenceClassification` with one label, which also
+    reads the score at the last non-pad token."""
+
+    def __init__(self, body: Transformer):
+        super().__init__()
+        self.cfg = body.cfg
+        body.lm_head = nn.Identity()  # the body now returns final-norm hidden states (B, T, d)
+        self.body = body
+        self.score = nn.Linear(body.cfg.d_model, 1, bias=False)
+        nn.init.normal_(self.score.weight, std=1 / math.sqrt(body.cfg.d_model + 1))
+
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor,
+                position_ids: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Rewards (B,) of right-padded rows whose real tokens number `lengths` (B,)."""
+        hidden = self.body(input_ids, position_ids=position_ids, attn_mask=attn_mask)
+        last = hidden[torch.arange(hidden.size(0), device=hidden.device), lengths - 1]
+        return self.score(last).squeeze(-1).float()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Counting
 

@@ -1,6 +1,6 @@
-"""The engine: greedy == a naive argmax loop, beam search == transformers, seeded rows independent of their
-batch, abort, streaming text that never splits a character nor shows a stop string, scoring == engine
-logprobs, and the Hugging Face stand-in."""
+"""The engine: greedy == a naive argmax loop (on the general path and on the equal-length short path), beam
+search == transformers, seeded rows independent of their batch, abort, streaming text that never splits a
+character nor shows a stop string, scoring == engine logprobs, and the Hugging Face stand-in."""
 
 import pytest
 import torch
@@ -43,6 +43,32 @@ def test_greedy_batch_equals_naive_loop(model_and_tokenizer):
     for o, p in zip(outputs, prompts):
         assert o.token_ids == naive_greedy(model, p, 20, tok.eos_id)
     assert not engine.has_unfinished() and not engine.running
+
+
+def test_equal_length_batch_takes_the_short_path_with_the_same_tokens(model_and_tokenizer):
+    """Equal-length prompts in consecutive slots are prefilled in one pass and decoded through the model's own
+    KV-cache path (no mask, cache slices); the same prompts beside a longer one take the general path (mask,
+    gathered rows). Both must give the naive loop's tokens, and the same logprobs."""
+    model, tok = model_and_tokenizer
+    texts = ["The cat sat on the mat", "고양이가 생선을 먹는다", "def add(a, b):\n    return", "Mina lives in Velmora"]
+    encoded = [tok.encode(t, add_bos=True) for t in texts]
+    prompts = [e[:min(map(len, encoded))] for e in encoded]
+    longer = max(encoded, key=len)  # in slot 0, a row at another position: every step takes the general path
+    params = SamplingParams(temperature=0, max_new_tokens=15, ignore_eos=True)
+    masked = []  # per forward call: was a mask passed?
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: masked.append("attn_mask" in kwargs),
+                                           with_kwargs=True)
+    try:
+        short = Engine(model, tok, max_batch_size=4).generate(prompts, params)
+        assert masked == [False] * 15  # one prefill for all four, then 14 unmasked decode steps
+        masked.clear()
+        general = Engine(model, tok, max_batch_size=5).generate([longer, *prompts], params)[1:]
+        assert masked == [False, False] + [True] * 14
+    finally:
+        hook.remove()
+    for a, b, prompt in zip(short, general, prompts):
+        assert a.token_ids == b.token_ids == naive_greedy(model, prompt, 15, eos=-1)
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
 
 
 def test_beam_search_equals_transformers(model_and_tokenizer, trained_checkpoint):

@@ -129,6 +129,30 @@ def micro_batch_count(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
     return micro, per_rank // micro
 
 
+def example_batches(n_examples: int, cfg: TrainConfig, rank: int, world_size: int,
+                    collate: Callable[[list[int]], dict]) -> Callable[[int], list]:
+    """get_micro_batches(step) for methods whose batch is a set of examples (reward model, DPO): step s takes
+    the next `batch_size` indices of a seeded permutation per epoch, this rank its slice, `collate` makes each
+    micro-batch. A function of the step alone, so resume is exact."""
+    micro, n_micro = micro_batch_count(cfg, world_size)
+    per_rank = micro * n_micro
+
+    orders: dict[int, np.ndarray] = {}
+
+    def index(position: int) -> int:
+        epoch, offset = divmod(position, n_examples)
+        if epoch not in orders:
+            orders[epoch] = np.random.default_rng([cfg.seed, epoch]).permutation(n_examples)
+        return int(orders[epoch][offset])
+
+    def get_micro_batches(step: int) -> list:
+        first = step * cfg.batch_size + rank * per_rank
+        chosen = [index(first + i) for i in range(per_rank)]
+        return [collate(chosen[m:m + micro]) for m in range(0, per_rank, micro)]
+
+    return get_micro_batches
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
