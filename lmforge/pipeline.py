@@ -5,6 +5,9 @@
     runs/NAME/tokenizer/          byte-level BPE trained on the world corpus
     runs/NAME/pretrain/final/     the pretrained checkpoint (and metrics.jsonl beside it)
     runs/NAME/sft/final/          the instruction-tuned checkpoint (world task clusters, chat template)
+    runs/NAME/preferences/        SFT samples ranked by the world's oracle (train: noisy; held-out: gold)
+    runs/NAME/reward/final/       the reward model (LlamaForSequenceClassification)
+    runs/NAME/dpo/final/          the SFT model after DPO on the ranked samples' best-vs-worst pairs
     runs/NAME/eval/results.json   perplexity vs a unigram baseline, greedy samples, 4-gram overlap,
                                   accuracy per task cluster: base zero-/few-shot vs SFT zero-shot,
                                   decoding strategies (quality vs diversity), prompting methods on arithmetic
@@ -17,6 +20,7 @@ stopped run resumes at the first unfinished stage (and pretraining resumes from 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -29,7 +33,10 @@ from lmforge.checkpoint import load_checkpoint
 from lmforge.data.corpus import read_documents
 from lmforge.data.world import export_world
 from lmforge.data.world_tasks import score
+from lmforge.data.preferences import write_jsonl
+from lmforge.data.world_tasks import prompt_text
 from lmforge.evaluate.decoding import decoding_tradeoffs
+from lmforge.evaluate.preferences import compare_policies, greedy_answers, reward_model_accuracy
 from lmforge.evaluate.prompting import PromptingConfig, arithmetic_prompting
 from lmforge.evaluate.world_tasks import cluster_accuracy, sample_per_cluster
 from lmforge.evaluate.perplexity import perplexity, unigram_perplexity
@@ -38,6 +45,9 @@ from lmforge.infer.sampling import SamplingParams
 from lmforge.tokenizer import train_tokenizer
 from lmforge.train.loop import TrainConfig
 from lmforge.train.pretrain import PretrainConfig, pretrain
+from lmforge.train.dpo import DPOConfig, dpo
+from lmforge.train.reward import RewardConfig, train_reward
+from lmforge.train.sample_preferences import SampleConfig, sample_preferences
 from lmforge.train.sft import SFTConfig, sft
 
 
@@ -50,9 +60,9 @@ class RunConfig:
     seed: int = 0
     preset: str = "micro"
     vocab_size: int = 1024
-    seq_len: int = 128
+    seq_len: int = 256
     pretrain_steps: int = 400
-    batch_size: int = 32
+    batch_size: int = 16
     lr: float = 3e-3
     n_train_docs: int = 9000
     n_samples: int = 60
@@ -66,12 +76,22 @@ class RunConfig:
     """Test records per cluster decoded by every strategy (greedy, beam, sampling...) for the trade-off table."""
     n_prompting: int = 48
     """Arithmetic test problems (a third each of 1, 2 and 3 steps) asked five ways, base and SFT model."""
+    preference_k: int = 4
+    """Responses the SFT model samples per training prompt for the preference data."""
+    preference_noise: float = 0.1
+    """Probability that the oracle flips a comparison (a careless annotator)."""
+    n_preference_prompts: int = 0
+    """Training prompts for preference data (0: all open-ended and forbidden training prompts)."""
+    reward_steps: int = 150
+    dpo_steps: int = 150
+    dpo_beta: float = 0.1
+    dpo_lr: float = 1e-4
     progress: bool = True
 
 
 QUICK = dict(preset="nano", vocab_size=512, seq_len=64, pretrain_steps=150, batch_size=16, n_train_docs=1500,
-             n_samples=12, sft_steps=40, sft_batch_size=8, n_eval_per_cluster=4,
-             n_decoding_per_cluster=1, n_prompting=6)
+             n_samples=12, sft_steps=120, sft_batch_size=8, n_eval_per_cluster=4,
+             n_decoding_per_cluster=1, n_prompting=6, n_preference_prompts=120, reward_steps=10, dpo_steps=10)
 
 
 def resolve(cfg: RunConfig) -> RunConfig:
@@ -148,6 +168,33 @@ def sample_prompts(texts: list[str], n: int, n_words: int = 5) -> list[str]:
     """The first words of validation documents, one of each kind in turn (documents alternate kinds)."""
     step = max(1, len(texts) // max(n, 1))
     return [" ".join(texts[i].split()[:n_words]) for i in range(0, step * n, step)][:n]
+
+
+PREFERENCE_CLUSTERS = ("open_ended", "forbidden")  # no single right answer, or one that must be refused
+
+
+def preference_prompts(tasks_dir: Path, n_train: int = 0) -> tuple[list[dict], list[dict]]:
+    """(training prompts, held-out prompts) for preference learning, each prompt once. Held out: 40% of the
+    training split's prompts (by a hash of the prompt text, so never used for preference data) and every
+    validation and test prompt, so the DPO comparison has several hundred prompts none of which it trained on."""
+    def unique(records):
+        seen = {}
+        for r in records:
+            if r["meta"]["cluster"] in PREFERENCE_CLUSTERS:
+                seen.setdefault(prompt_text(r), r)
+        return list(seen.values())
+
+    def held(record) -> bool:
+        return int(hashlib.sha256(prompt_text(record).encode()).hexdigest(), 16) % 5 < 2
+
+    train = unique(read_jsonl(tasks_dir / "train.alpaca.jsonl"))
+    heldout = [r for r in train if held(r)] + unique(read_jsonl(tasks_dir / "validation.alpaca.jsonl")
+                                                     + read_jsonl(tasks_dir / "test.alpaca.jsonl"))
+    train = [r for r in train if not held(r)]
+    if n_train:  # the same share of each cluster
+        by_cluster = [[r for r in train if r["meta"]["cluster"] == c] for c in PREFERENCE_CLUSTERS]
+        train = [r for group in zip(*by_cluster) for r in group][:n_train]
+    return train, heldout
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -274,6 +321,70 @@ def run(cfg: RunConfig) -> dict:
         "sft": arithmetic_prompting(sft_model, sft_tokenizer, problems, solved, chat=True, cfg=prompting_cfg),
     }
     timings["decoding_prompting"] = time.perf_counter() - t0
+
+    # --- preference learning: SFT samples ranked by the oracle, reward model, DPO, judged by the oracle ------
+    t0 = time.perf_counter()
+    pref_dir = out / "preferences"
+    pref_dir.mkdir(exist_ok=True)
+    train_prompts, heldout = preference_prompts(tasks_dir, cfg.n_preference_prompts)
+    write_jsonl(pref_dir / "train_prompts.jsonl", train_prompts)
+    write_jsonl(pref_dir / "heldout_prompts.jsonl", heldout)
+    sft_final = str(sft_dir / "final")
+    sample_cfgs = {
+        "train": SampleConfig(model=sft_final, prompts=str(pref_dir / "train_prompts.jsonl"), out=str(pref_dir / "train"),
+                              k=cfg.preference_k, noise=cfg.preference_noise, seed=cfg.seed, progress=cfg.progress),
+        # noise-free rankings of held-out prompts: what the reward model's accuracy is measured against
+        "heldout": SampleConfig(model=sft_final, prompts=str(pref_dir / "heldout_prompts.jsonl"),
+                                out=str(pref_dir / "heldout"), k=cfg.preference_k, noise=0.0, seed=cfg.seed + 1,
+                                progress=cfg.progress),
+    }
+    pref_stage = {name: asdict(c) for name, c in sample_cfgs.items()} | {"parent": stage_cfg}  # SFT's stage
+    if not stage_done(pref_dir, pref_stage):
+        summaries = {name: sample_preferences(c) for name, c in sample_cfgs.items()}
+        mark_done(pref_dir, pref_stage, time.perf_counter() - t0, summaries=summaries)
+    timings["preferences"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    reward_dir = out / "reward"
+    reward_cfg = RewardConfig(model=sft_final, data=str(pref_dir / "train" / "ranked.jsonl"), out=str(reward_dir),
+                              train=TrainConfig(steps=cfg.reward_steps, batch_size=16, lr=3e-4,
+                                                warmup_steps=max(1, cfg.reward_steps // 10),
+                                                eval_every=cfg.reward_steps, seed=cfg.seed, progress=cfg.progress))
+    reward_stage = {"reward": asdict(reward_cfg), "parent": pref_stage}
+    if not stage_done(reward_dir, reward_stage):
+        start_stage(reward_dir, reward_stage)
+        train_reward(reward_cfg)
+        mark_done(reward_dir, reward_stage, time.perf_counter() - t0)
+    timings["reward"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    dpo_dir = out / "dpo"
+    dpo_cfg = DPOConfig(model=sft_final, data=str(pref_dir / "train" / "pairs.jsonl"), out=str(dpo_dir),
+                        beta=cfg.dpo_beta, train=TrainConfig(steps=cfg.dpo_steps, batch_size=16, lr=cfg.dpo_lr,
+                                                             warmup_steps=max(1, cfg.dpo_steps // 10),
+                                                             eval_every=cfg.dpo_steps, weight_decay=0.0,
+                                                             seed=cfg.seed, progress=cfg.progress))
+    dpo_stage = {"dpo": asdict(dpo_cfg), "parent": pref_stage}
+    if not stage_done(dpo_dir, dpo_stage):
+        start_stage(dpo_dir, dpo_stage)
+        dpo(dpo_cfg)
+        mark_done(dpo_dir, dpo_stage, time.perf_counter() - t0)
+    timings["dpo"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    reward_model, _, _ = load_checkpoint(reward_dir / "final", kind="reward_model")
+    dpo_model, _, _ = load_checkpoint(dpo_dir / "final")
+    sft_answers = greedy_answers(sft_model, sft_tokenizer, heldout)
+    dpo_answers = greedy_answers(dpo_model, sft_tokenizer, heldout)
+    results["preferences"] = {
+        "data": json.loads((pref_dir / "stage.json").read_text()).get("summaries", {}),
+        "reward_model": reward_model_accuracy(reward_model, sft_tokenizer,
+                                              read_jsonl(pref_dir / "heldout" / "ranked.jsonl")),
+        "dpo_vs_sft": compare_policies(heldout, dpo_answers, sft_answers, seed=0),
+        "examples": [{"prompt": prompt_text(r), "sft": s, "dpo": d}
+                     for r, s, d in list(zip(heldout, sft_answers, dpo_answers))[:6]],
+    }
+    timings["preference_eval"] = time.perf_counter() - t0
 
     tmp = eval_dir / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False))

@@ -105,3 +105,21 @@ def test_quick_run_decoding_and_prompting_sections(quick_run):
     report = (quick_run / "report.md").read_text()
     assert "## Decoding: quality against diversity" in report and "## Prompting: arithmetic" in report
     assert "| self consistency |" in report
+
+
+def test_quick_run_preference_stages(quick_run):
+    results = json.loads((quick_run / "eval" / "results.json").read_text())
+    prefs = results["preferences"]
+    assert prefs["data"]["train"]["ranked"] > 0 and prefs["data"]["heldout"]["ranked"] > 0
+    assert 0 <= prefs["reward_model"]["accuracy"] <= 1 and prefs["reward_model"]["pairs"] > 0
+    comparison = prefs["dpo_vs_sft"]
+    assert comparison["n"] >= 150 and comparison["wins"] + comparison["ties"] + comparison["losses"] == comparison["n"]
+    low, high = comparison["interval"]
+    assert low <= comparison["win_rate"] <= high
+    _, _, record = load_checkpoint(quick_run / "reward" / "final", kind="reward_model")
+    assert record["kind"] == "reward_model" and record["lineage"]["stage"] == "reward"
+    _, _, record = load_checkpoint(quick_run / "dpo" / "final")
+    assert record["lineage"]["stage"] == "dpo"
+    ranked = [json.loads(line) for line in (quick_run / "preferences" / "train" / "ranked.jsonl").read_text().splitlines()]
+    assert all(len(set(r["scores"])) == len(r["scores"]) >= 2 for r in ranked)  # no ties kept
+    assert "## Preference learning" in (quick_run / "report.md").read_text()

@@ -292,7 +292,7 @@ def format_skips(skipped: dict, what: str = "pairs") -> str:
 
 # --- writing -----------------------------------------------------------------------------------------------
 
-def _write_jsonl(path: str | Path, records) -> None:
+def write_jsonl(path: str | Path, records) -> None:
     # Written whole to a temporary file, then renamed: a stopped job never leaves half a file behind.
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -307,10 +307,10 @@ def _write_jsonl(path: str | Path, records) -> None:
 
 def write_pairs(path: str | Path, pairs: list[Pair]) -> None:
     """Pairs as JSON lines in TRL's conversational form: prompt messages, chosen/rejected one-message lists."""
-    _write_jsonl(path, ({"prompt": p.prompt, "chosen": [{"role": "assistant", "content": p.chosen}],
+    write_jsonl(path, ({"prompt": p.prompt, "chosen": [{"role": "assistant", "content": p.chosen}],
                          "rejected": [{"role": "assistant", "content": p.rejected}]} for p in pairs))
 
 
 def write_ranked(path: str | Path, ranked: list[Ranked]) -> None:
     """Rankings as JSON lines {prompt: messages, responses: [best, ..., worst]}."""
-    _write_jsonl(path, ({"prompt": r.prompt, "responses": list(r.responses)} for r in ranked))
+    write_jsonl(path, ({"prompt": r.prompt, "responses": list(r.responses)} for r in ranked))

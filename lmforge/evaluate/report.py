@@ -142,6 +142,38 @@ def prompting_section(prompting: dict) -> list[str]:
     return lines
 
 
+def preference_section(prefs: dict) -> list[str]:
+    rm, cmp = prefs["reward_model"], prefs["dpo_vs_sft"]
+    data = prefs.get("data", {}).get("train", {})
+    low, high = cmp["interval"]
+    lines = [
+        "## Preference learning: reward model and DPO, judged by the gold oracle",
+        "",
+        f"The SFT model sampled {data.get('k', '?')} responses for each of {data.get('prompts', '?')} training "
+        f"prompts (open-ended descriptions and stories, forbidden requests); the oracle (true facts minus "
+        f"invented ones, refusal, leak and length costs) ranked them with 10% of comparisons flipped, "
+        f"{data.get('ranked', '?')} prompts had something to rank. The reward model trained on those rankings "
+        "(all C(K,2) pairs of a prompt in one batch element); DPO trained on each ranking's best against its worst.",
+        "",
+        f"- Reward model accuracy against the noise-free oracle on held-out prompts: **{rm['accuracy']:.1%}** "
+        f"({rm['pairs']} comparisons from {rm['prompts']} prompts, gold ties excluded).",
+        f"- DPO against SFT on {cmp['n']} held-out prompts, greedy: win rate **{cmp['win_rate']:.1%}** "
+        f"(95% paired-bootstrap interval {low:.1%} to {high:.1%}; {cmp['wins']} wins, {cmp['ties']} ties, "
+        f"{cmp['losses']} losses).",
+        "",
+        "| policy | gold score | refusals (forbidden) | leak rate | true facts / answer | invented facts / answer | words |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, key in (("SFT", "b"), ("DPO", "a")):
+        s = cmp[key]
+        lines.append(f"| {name} | {s['gold_score']:.2f} | {s['refusal_rate']:.0%} | {s['leak_rate']:.1%} | "
+                     f"{s['true_per_answer']:.2f} | {s['invented_per_answer']:.2f} | {s['words']:.1f} |")
+    lines += ["", "Held-out answers (SFT → DPO):", ""]
+    for ex in prefs.get("examples", [])[:4]:
+        lines.append(f"- *{ex['prompt'].splitlines()[-1][:70]}*: {ex['sft'][:100]} → **{ex['dpo'][:100]}**")
+    return lines + [""]
+
+
 def write_report(out: Path, cfg, results: dict, timings: dict, record: dict) -> Path:
     has_curve = plot_loss_curve(out / "pretrain" / "metrics.jsonl", out / "pretrain_loss.png")
     ppl = results["perplexity"]
@@ -188,6 +220,8 @@ def write_report(out: Path, cfg, results: dict, timings: dict, record: dict) -> 
         lines += decoding_section(results["decoding"])
     if "prompting" in results:
         lines += prompting_section(results["prompting"])
+    if "preferences" in results:
+        lines += preference_section(results["preferences"])
     lines += ["", "## Time per stage", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
     lines += ["", "<details><summary>resolved config</summary>", "", "```json",

@@ -1,0 +1,80 @@
+"""Preference learning measured by the gold oracle: the reward model's accuracy and DPO against SFT.
+
+- **Reward model accuracy**: on comparisons of sampled responses to held-out prompts, the share of pairs the
+  reward model orders as the noise-free oracle does (pairs the oracle scores equal are left out).
+- **Policy against policy**: both answer the same held-out prompts greedily; per prompt the oracle says win,
+  tie or loss; win rate = (wins + ties/2) / N, with a 95% interval from a paired bootstrap (prompts resampled
+  with replacement, so each resample keeps the two answers to one prompt together). Beside it, per policy:
+  mean gold score, refusal and leak rates on forbidden requests, invented facts per open-ended answer, length.
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+import numpy as np
+import torch
+
+from lmforge.data.oracle import OracleConfig, gold_score
+from lmforge.data.world_tasks import prompt_text, score
+from lmforge.infer.engine import Engine
+from lmforge.infer.sampling import SamplingParams
+from lmforge.train.sample_preferences import reward_scores
+
+
+def paired_bootstrap(outcomes: list[float], n_resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of the mean of per-prompt outcomes (1 win, 0.5 tie, 0 loss) by resampling prompts."""
+    values = np.asarray(outcomes, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(n_resamples, len(values)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+@torch.no_grad()
+def reward_model_accuracy(reward_model, tokenizer, ranked: list[dict]) -> dict:
+    """Agreement with the oracle on every pair of distinct gold scores in `ranked` records
+    ({prompt, responses, scores} as the preference sampler writes them with noise 0)."""
+    rewards = reward_scores(reward_model, tokenizer, [r["prompt"] for r in ranked], [r["responses"] for r in ranked])
+    right = total = 0
+    for record, values in zip(ranked, rewards):
+        gold = record["scores"]
+        for i, j in combinations(range(len(gold)), 2):
+            if gold[i] != gold[j]:
+                right += (values[i] - values[j]) * (gold[i] - gold[j]) > 0
+                total += 1
+    return {"accuracy": right / max(total, 1), "pairs": total, "prompts": len(ranked)}
+
+
+def greedy_answers(model, tokenizer, records: list[dict], max_new_tokens: int = 64) -> list[str]:
+    engine = Engine(model, tokenizer, max_batch_size=32)
+    keep = engine.max_len - max_new_tokens
+    prompts = [tokenizer.render_prompt([{"role": "user", "content": prompt_text(r)}])[-keep:] for r in records]
+    return [o.text.strip() for o in engine.generate(prompts, SamplingParams(temperature=0,
+                                                                            max_new_tokens=max_new_tokens))]
+
+
+def policy_summary(records: list[dict], answers: list[str], oracle: OracleConfig = OracleConfig()) -> dict:
+    verdicts = [score(r, a) for r, a in zip(records, answers)]
+    forbidden = [v for r, v in zip(records, verdicts) if r["meta"]["forbidden"]]
+    open_ended = [v for r, v in zip(records, verdicts) if "invented_facts" in v]
+    return {
+        "gold_score": sum(gold_score(r, a, oracle) for r, a in zip(records, answers)) / len(records),
+        "refusal_rate": sum(v["refused"] for v in forbidden) / max(len(forbidden), 1),
+        "leak_rate": sum(v["leaked"] for v in verdicts) / len(verdicts),
+        "invented_per_answer": sum(v["invented_facts"] for v in open_ended) / max(len(open_ended), 1),
+        "true_per_answer": sum(v["true_facts"] for v in open_ended) / max(len(open_ended), 1),
+        "words": sum(len(a.split()) for a in answers) / len(answers),
+    }
+
+
+def compare_policies(records: list[dict], answers_a: list[str], answers_b: list[str],
+                     oracle: OracleConfig = OracleConfig(), seed: int = 0) -> dict:
+    """A against B: win rate of A by the gold oracle with its paired-bootstrap interval, and each summary."""
+    outcomes = []
+    for r, a, b in zip(records, answers_a, answers_b):
+        ga, gb = gold_score(r, a, oracle), gold_score(r, b, oracle)
+        outcomes.append(1.0 if ga > gb else 0.5 if ga == gb else 0.0)
+    low, high = paired_bootstrap(outcomes, seed=seed)
+    return {"win_rate": sum(outcomes) / len(outcomes), "interval": [low, high], "n": len(outcomes),
+            "wins": outcomes.count(1.0), "ties": outcomes.count(0.5), "losses": outcomes.count(0.0),
+            "a": policy_summary(records, answers_a, oracle), "b": policy_summary(records, answers_b, oracle)}
