@@ -65,7 +65,8 @@ class _Asker:
     def _render(self, doc, exemplars, fmt, prefill) -> list[int]:
         if self.chat:
             messages = few_shot_messages(doc, exemplars, replace(fmt, doc_to_text="{question}"))
-            return self.tokenizer.render_prompt(messages) + (self.tokenizer.encode(" " + prefill) if prefill else [])
+            # the prefill starts the assistant's content, which follows the role token with no space
+            return self.tokenizer.render_prompt(messages) + (self.tokenizer.encode(prefill) if prefill else [])
         text = few_shot_prompt(doc, exemplars, fmt) + (" " + prefill if prefill else "")
         return self.tokenizer.encode(text, add_bos=True)
 
@@ -104,7 +105,9 @@ def arithmetic_prompting(model, tokenizer, records: list[dict], train_records: l
     # The zero-shot prompt ends inside the answer sentence, so its first number is the answer.
     zero = [ask.prompt(d, prefill=DIRECT_TRIGGER, budget=n_answer) for d in docs]
     run("zero_shot", zero, n_answer, first("first_number"))
-    run("few_shot", [ask.prompt(d, s, DIRECT_FORMAT, budget=n_answer) for d, s in zip(docs, shots)], n_answer,
+    # Few-shot gets the reasoning budget too: a model that works the problem out despite bare-answer exemplars
+    # must not be cut off before its answer.
+    run("few_shot", [ask.prompt(d, s, DIRECT_FORMAT, budget=n_new) for d, s in zip(docs, shots)], n_new,
         first("after_phrase"))
     cot = [ask.prompt(d, s, COT_FORMAT, budget=n_new) for d, s in zip(docs, shots)]
     run("few_shot_cot", cot, n_new, first("after_phrase"))

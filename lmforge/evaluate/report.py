@@ -76,8 +76,9 @@ def task_section(out: Path, results: dict) -> list[str]:
         "## Instruction tuning: accuracy per task cluster",
         "",
         "Test records (test-split entities, templates seen in training), judged by the world's scorer. The base "
-        "model is asked in plain text (`request\\nAnswer:`), zero-shot and after 3 solved examples of the same "
-        "cluster; the SFT model gets the request through its chat template.",
+        "model is asked in its corpus's dialogue layout (`User: {request}\\nAssistant:`), zero-shot and after 3 "
+        "solved examples of the same cluster as earlier turns; the SFT model gets the request through its chat "
+        "template.",
         "",
         "| cluster | " + " | ".join(m.replace("_", " ") for m in modes) + " | n |",
         "|---|" + "---:|" * (len(modes) + 1),
