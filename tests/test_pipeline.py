@@ -123,3 +123,12 @@ def test_quick_run_preference_stages(quick_run):
     ranked = [json.loads(line) for line in (quick_run / "preferences" / "train" / "ranked.jsonl").read_text().splitlines()]
     assert all(len(set(r["scores"])) == len(r["scores"]) >= 2 for r in ranked)  # no ties kept
     assert "## Preference learning" in (quick_run / "report.md").read_text()
+
+
+def test_quick_run_html_report_stands_alone(quick_run):
+    html = (quick_run / "report.html").read_text()
+    assert html.startswith("<!doctype html>") and "<table>" in html
+    assert html.count('src="data:image/png;base64,') >= 2  # pictures embedded, no file beside it needed
+    assert 'src="pretrain_loss.png"' not in html
+    for heading in ("Perplexity on held-out world text", "Decoding: quality against diversity", "Preference learning"):
+        assert heading in html

@@ -231,4 +231,39 @@ def write_report(out: Path, cfg, results: dict, timings: dict, record: dict) -> 
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(lines), encoding="utf-8")
     tmp.replace(path)
+    write_html(path)
+    return path
+
+
+HTML_STYLE = """
+body { font: 15px/1.5 system-ui, sans-serif; max-width: 980px; margin: 2em auto; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; } th, td { border: 1px solid #ccc; padding: 3px 8px; }
+th { background: #f3f3f3; } td { text-align: right; } td:first-child { text-align: left; }
+img { max-width: 100%; } code { background: #f5f5f5; padding: 0 3px; } h2 { border-bottom: 1px solid #ddd; }
+"""
+
+
+def write_html(markdown_path: Path) -> Path:
+    """report.html beside report.md: the same content, with the pictures embedded, so the one file can be
+    mailed or opened anywhere."""
+    import base64
+    import re
+
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark", {"html": True}).enable("table").render(markdown_path.read_text(encoding="utf-8"))
+
+    def embed(match: re.Match) -> str:
+        picture = markdown_path.parent / match.group(1)
+        if not picture.is_file():
+            return match.group(0)
+        return f'src="data:image/png;base64,{base64.b64encode(picture.read_bytes()).decode()}"'
+
+    body = re.sub(r'src="([^":]+\.png)"', embed, body)
+    html = (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>lmforge run report</title>'
+            f"<style>{HTML_STYLE}</style></head>\n<body>\n{body}</body></html>\n")
+    path = markdown_path.with_suffix(".html")
+    tmp = path.with_suffix(".html.tmp")
+    tmp.write_text(html, encoding="utf-8")
+    tmp.replace(path)
     return path
