@@ -19,6 +19,7 @@ from dataclasses import replace
 from typing import Callable
 
 from lmforge.data.world_tasks import prompt_text
+from lmforge.evaluate.metrics import distinct_n
 from lmforge.infer.engine import Engine
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.scoring import loglikelihood_tokens
@@ -32,12 +33,6 @@ STRATEGIES: dict[str, dict] = {
     "top-k 10, T=1.0": {"temperature": 1.0, "top_k": 10},
     "top-p 0.9, T=1.0": {"temperature": 1.0, "top_p": 0.9},
 }
-
-
-def distinct_n(texts: list[str], n: int) -> float:
-    """Unique word n-grams / all word n-grams over `texts` (0 when there are none)."""
-    grams = [tuple(words[i:i + n]) for t in texts for words in [t.split()] for i in range(len(words) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
 
 
 def decoding_tradeoffs(model, tokenizer, records: list[dict], score: Callable[[dict, str], dict],
