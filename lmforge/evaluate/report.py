@@ -154,7 +154,7 @@ def preference_section(prefs: dict) -> list[str]:
         f"prompts (open-ended descriptions and stories, forbidden requests); the oracle (true facts minus "
         f"invented ones, refusal, leak and length costs) ranked them with 10% of comparisons flipped, "
         f"{data.get('ranked', '?')} prompts had something to rank. The reward model trained on those rankings "
-        "(all C(K,2) pairs of a prompt in one batch element); DPO trained on each ranking's best against its worst.",
+        "(all C(K,2) pairs of a prompt in one batch element); DPO trained on the same pairs.",
         "",
         f"- Reward model accuracy against the noise-free oracle on held-out prompts: **{rm['accuracy']:.1%}** "
         f"({rm['pairs']} comparisons from {rm['prompts']} prompts, gold ties excluded).",
