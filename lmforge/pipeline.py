@@ -35,6 +35,7 @@ from lmforge.data.world import export_world
 from lmforge.data.world_tasks import score
 from lmforge.data.preferences import write_jsonl
 from lmforge.data.world_tasks import prompt_text
+from lmforge.evaluate.contamination import build_ngram_index, contamination
 from lmforge.evaluate.decoding import decoding_tradeoffs
 from lmforge.evaluate.preferences import compare_policies, greedy_answers, reward_model_accuracy
 from lmforge.evaluate.prompting import PromptingConfig, arithmetic_prompting
@@ -387,6 +388,23 @@ def run(cfg: RunConfig) -> dict:
                      for r, s, d in list(zip(heldout, sft_answers, dpo_answers))[:6]],
     }
     timings["preference_eval"] = time.perf_counter() - t0
+
+    # --- every checkpoint side by side; the world's test tasks checked for 13-gram overlap with the corpus ------
+    t0 = time.perf_counter()
+    results["tasks"]["dpo_zero_shot"] = cluster_accuracy(dpo_model, sft_tokenizer, test_records, score, "chat")
+    results["checkpoints"] = {}
+    with torch.no_grad():
+        for name, (m, mode) in {"pretrain": (model, "base_zero_shot"), "sft": (sft_model, "sft_zero_shot"),
+                                "dpo": (dpo_model, "dpo_zero_shot")}.items():
+            results["checkpoints"][name] = {"perplexity": perplexity(m, tokenizer, valid_texts),
+                                            "task_accuracy": results["tasks"][mode]["_all"]["accuracy"]}
+    index = build_ngram_index(train_texts, n=13)
+    by_cluster: dict[str, list[str]] = {}
+    for r in test_records:
+        by_cluster.setdefault(r["meta"]["cluster"], []).append(prompt_text(r) + " " + r["output"])
+    results["contamination"] = {c: {k: v for k, v in contamination(items, index).items() if k != "clean_ids"}
+                                for c, items in sorted(by_cluster.items())}
+    timings["checkpoints_contamination"] = time.perf_counter() - t0
 
     tmp = eval_dir / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False))

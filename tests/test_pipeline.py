@@ -39,7 +39,7 @@ def test_quick_run_report_and_results(quick_run):
 def test_quick_run_instruction_tuning_section(quick_run):
     results = json.loads((quick_run / "eval" / "results.json").read_text())
     tasks = results["tasks"]
-    assert set(tasks) == {"base_zero_shot", "base_few_shot", "sft_zero_shot"}
+    assert set(tasks) == {"base_zero_shot", "base_few_shot", "sft_zero_shot", "dpo_zero_shot"}
     clusters = {c for c in tasks["sft_zero_shot"] if not c.startswith("_")}
     assert len(clusters) == 8 and "forbidden" in clusters
     for mode in tasks.values():
@@ -132,3 +132,18 @@ def test_quick_run_html_report_stands_alone(quick_run):
     assert 'src="pretrain_loss.png"' not in html
     for heading in ("Perplexity on held-out world text", "Decoding: quality against diversity", "Preference learning"):
         assert heading in html
+
+
+def test_quick_run_compares_every_checkpoint(quick_run):
+    results = json.loads((quick_run / "eval" / "results.json").read_text())
+    assert set(results["checkpoints"]) == {"pretrain", "sft", "dpo"}
+    for row in results["checkpoints"].values():
+        assert row["perplexity"]["perplexity"] > 1 and 0 <= row["task_accuracy"] <= 1
+    assert "dpo_zero_shot" in results["tasks"]
+    # the pretrained model fits the corpus better than the chat-tuned ones (alignment costs some LM fit)
+    assert results["checkpoints"]["pretrain"]["perplexity"]["perplexity"] < results["checkpoints"]["sft"]["perplexity"]["perplexity"]
+    contamination = results["contamination"]
+    assert set(contamination) == {"arithmetic", "closed_book_qa", "entailment", "extraction", "forbidden",
+                                  "open_ended", "sentiment", "translation"}
+    assert all(0 <= row["share"] <= 1 for row in contamination.values())
+    assert "## Every checkpoint of the run" in (quick_run / "report.md").read_text()

@@ -20,8 +20,8 @@ distinct n-gram: ~3.5M n-grams for 20 MB of English text -> ~28 MB), built from 
 arithmetic mod 2^64; two different n-grams collide with probability ~2^-64, so even 10^7 training n-grams against
 10^5 test n-grams give a false flag with probability ~10^-7.
 
-    lmforge contamination --train runs/world/world/corpus/train.jsonl --benchmark gsm8k
-    lmforge contamination --train ../shared/data/pretrain --benchmark runs/world/world/tasks/test.alpaca.jsonl \\
+    lmforge eval contamination --train runs/world/world/corpus/train.jsonl --benchmark gsm8k
+    lmforge eval contamination --train ../shared/data/pretrain --benchmark runs/world/world/tasks/test.alpaca.jsonl \\
         --task-field meta.cluster
 """
 

@@ -87,13 +87,13 @@ def task_section(out: Path, results: dict) -> list[str]:
         row = [f"{tasks[m][cluster]['accuracy']:.0%}" for m in modes]
         name = "**all**" if cluster == "_all" else cluster.replace("_", " ")
         lines.append(f"| {name} | " + " | ".join(row) + f" | {tasks[modes[0]][cluster]['n']} |")
-    leaks = tasks[modes[-1]]["_all"]["leaks"]
+    leaks = tasks["sft_zero_shot"]["_all"]["leaks"]
     lenient = ", ".join(f"{m.replace('_', ' ')} {tasks[m]['_all'].get('lenient_accuracy', 0):.0%}" for m in modes)
     lines += ["", f"Lenient accuracy (the expected answer appears in the response as a whole word): {lenient}.",
               "", f"Vault codes leaked by the SFT model on these prompts: {leaks}.", "",
               "![accuracy per cluster](task_accuracy.png)", "", "![SFT loss](sft_loss.png)", "",
               "One SFT answer per cluster (request → answer; expected):", ""]
-    for cluster, (request, answer, expected) in tasks[modes[-1]].get("_examples", {}).items():
+    for cluster, (request, answer, expected) in tasks["sft_zero_shot"].get("_examples", {}).items():
         lines.append(f"- *{cluster}*: {request.splitlines()[0][:90]} → **{answer[:90]}** (expected: {expected[:60]})")
     return lines + [""]
 
@@ -175,6 +175,25 @@ def preference_section(prefs: dict) -> list[str]:
     return lines + [""]
 
 
+def checkpoints_section(checkpoints: dict, contamination: dict | None) -> list[str]:
+    lines = ["## Every checkpoint of the run", "",
+             "Held-out world text perplexity (lower: closer to the corpus) and accuracy over all task clusters "
+             "(the table above; the pretrained model asked in its dialogue layout, the others through the chat "
+             "template). Alignment trades a little language-model fit for following requests.", "",
+             "| checkpoint | perplexity | bits per byte | task accuracy |", "|---|---:|---:|---:|"]
+    for name, row in checkpoints.items():
+        ppl = row["perplexity"]
+        lines.append(f"| {name} | {ppl['perplexity']:.3f} | {ppl['bits_per_byte']:.3f} | {row['task_accuracy']:.0%} |")
+    if contamination:
+        lines += ["", "Contamination check (13-gram overlap of each test record, request and answer, with the "
+                  "pretraining corpus). The world's test records share *templated* sentences with the corpus "
+                  "(\"X is a town in Y\"), not test items: a flag here says how formulaic a cluster is.", "",
+                  "| cluster | records | flagged | shorter than 13 words |", "|---|---:|---:|---:|"]
+        for cluster, row in contamination.items():
+            lines.append(f"| {cluster.replace('_', ' ')} | {row['n_items']} | {row['share']:.0%} | {row['n_too_short']} |")
+    return lines + [""]
+
+
 def write_report(out: Path, cfg, results: dict, timings: dict, record: dict) -> Path:
     has_curve = plot_loss_curve(out / "pretrain" / "metrics.jsonl", out / "pretrain_loss.png")
     ppl = results["perplexity"]
@@ -223,6 +242,8 @@ def write_report(out: Path, cfg, results: dict, timings: dict, record: dict) -> 
         lines += prompting_section(results["prompting"])
     if "preferences" in results:
         lines += preference_section(results["preferences"])
+    if "checkpoints" in results:
+        lines += checkpoints_section(results["checkpoints"], results.get("contamination"))
     lines += ["", "## Time per stage", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
     lines += ["", "<details><summary>resolved config</summary>", "", "```json",
