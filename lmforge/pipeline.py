@@ -406,6 +406,8 @@ def run(cfg: RunConfig) -> dict:
                                 for c, items in sorted(by_cluster.items())}
     timings["checkpoints_contamination"] = time.perf_counter() - t0
 
+    for mode, table in results["tasks"].items():  # per-example records beside the summary
+        write_jsonl(eval_dir / f"samples_{mode}.jsonl", table.pop("_samples"))
     tmp = eval_dir / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False))
     tmp.replace(eval_dir / "results.json")

@@ -45,6 +45,9 @@ def test_quick_run_instruction_tuning_section(quick_run):
     for mode in tasks.values():
         assert mode["_all"]["n"] == sum(mode[c]["n"] for c in clusters)
         assert all(0.0 <= mode[c]["accuracy"] <= 1.0 for c in clusters)
+    samples = [json.loads(line) for line in (quick_run / "eval" / "samples_sft_zero_shot.jsonl").read_text().splitlines()]
+    assert len(samples) == tasks["sft_zero_shot"]["_all"]["n"]
+    assert sum(s["correct"] for s in samples) / len(samples) == pytest.approx(tasks["sft_zero_shot"]["_all"]["accuracy"])
     report = (quick_run / "report.md").read_text()
     assert "## Instruction tuning: accuracy per task cluster" in report and "task_accuracy.png" in report
     assert (quick_run / "task_accuracy.png").is_file() and (quick_run / "sft" / "final" / "lmforge.json").is_file()

@@ -78,13 +78,13 @@ def task_section(out: Path, results: dict) -> list[str]:
         "Test records (test-split entities, templates seen in training), judged by the world's scorer. The base "
         "model is asked in its corpus's dialogue layout (`User: {request}\\nAssistant:`), zero-shot and after 3 "
         "solved examples of the same cluster as earlier turns; the SFT model gets the request through its chat "
-        "template.",
+        "template. ± is the standard error, sqrt(p(1-p)/n); per-example answers are in `eval/samples_*.jsonl`.",
         "",
         "| cluster | " + " | ".join(m.replace("_", " ") for m in modes) + " | n |",
         "|---|" + "---:|" * (len(modes) + 1),
     ]
     for cluster in [c for c in tasks[modes[0]] if not c.startswith("_")] + ["_all"]:
-        row = [f"{tasks[m][cluster]['accuracy']:.0%}" for m in modes]
+        row = [f"{tasks[m][cluster]['accuracy']:.0%} ±{tasks[m][cluster].get('stderr', 0):.0%}" for m in modes]
         name = "**all**" if cluster == "_all" else cluster.replace("_", " ")
         lines.append(f"| {name} | " + " | ".join(row) + f" | {tasks[modes[0]][cluster]['n']} |")
     leaks = tasks["sft_zero_shot"]["_all"]["leaks"]

@@ -13,6 +13,7 @@ Every response is judged by the world's scorer (`world_tasks.score`): normalised
 
 from __future__ import annotations
 
+import math
 import random
 from collections import defaultdict
 from typing import Callable
@@ -52,7 +53,8 @@ def prompts_for(records: list[dict], tokenizer, mode: str, train_records: list[d
 def cluster_accuracy(model, tokenizer, records: list[dict], score: Callable[[dict, str], dict], mode: str,
                      train_records: list[dict] | None = None, max_new_tokens: int = 72, k: int = 3,
                      seed: int = 0, batch_size: int = 16) -> dict:
-    """{cluster: {"accuracy", "lenient_accuracy", "n", "leaks"}} plus "_all"; greedy decoding. Text modes stop at the end of the line,
+    """{cluster: {"accuracy", "stderr", "lenient_accuracy", "n", "leaks"}} plus "_all" and "_samples" (every
+    prompt, answer and verdict); greedy decoding. Text modes stop at the end of the line,
     the end of one answer in the few-shot layout."""
     engine = Engine(model, tokenizer, max_batch_size=batch_size)
     prompts = prompts_for(records, tokenizer, mode, train_records, k, seed)
@@ -62,7 +64,7 @@ def cluster_accuracy(model, tokenizer, records: list[dict], score: Callable[[dic
                             stop=() if mode == "chat" else ("\n",))
     outputs = engine.generate(prompts, params)
     tally: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])  # correct, n, leaks, lenient
-    examples = {}
+    examples, samples = {}, []
     for record, out in zip(records, outputs):
         verdict = score(record, out.text.strip())
         correct = bool(verdict.get("correct"))
@@ -72,13 +74,19 @@ def cluster_accuracy(model, tokenizer, records: list[dict], score: Callable[[dic
         t = tally[record["meta"]["cluster"]]
         t[0] += correct; t[1] += 1; t[2] += int(bool(verdict.get("leaked"))); t[3] += lenient
         examples.setdefault(record["meta"]["cluster"], (prompt_text(record), out.text.strip(), record["output"]))
-    result = {c: {"accuracy": a / n, "n": n, "leaks": leaks, "lenient_accuracy": le / n}
+        samples.append({"cluster": record["meta"]["cluster"], "prompt": prompt_text(record),
+                        "response": out.text.strip(), "expected": record["output"], "correct": correct,
+                        "lenient": lenient, "leaked": bool(verdict.get("leaked"))})
+    result = {c: {"accuracy": a / n, "stderr": math.sqrt(a / n * (1 - a / n) / n), "n": n, "leaks": leaks,
+                  "lenient_accuracy": le / n}
               for c, (a, n, leaks, le) in sorted(tally.items())}
     total = sum(t[1] for t in tally.values())
     result["_all"] = {"accuracy": sum(t[0] for t in tally.values()) / max(total, 1), "n": total,
                       "leaks": sum(t[2] for t in tally.values()),
                       "lenient_accuracy": sum(t[3] for t in tally.values()) / max(total, 1)}
+    result["_all"]["stderr"] = math.sqrt(result["_all"]["accuracy"] * (1 - result["_all"]["accuracy"]) / max(total, 1))
     result["_examples"] = examples
+    result["_samples"] = samples  # every prompt and answer, for the per-example file
     return result
 
 
