@@ -196,7 +196,7 @@ def test_a_continuation_longer_than_the_context_is_scored_in_windows(tokenizer):
 def test_gsm8k_arc_easy_hellaswag_end_to_end(trained_checkpoint, tmp_path):
     out = tmp_path / "eval"
     assert main(["eval", "tasks", "--model", str(trained_checkpoint), "--tasks", "gsm8k,arc_easy,hellaswag",
-                 "--limit", "20", "--out", str(out), "--no-progress", "--chat", "no"]) == 0
+                 "--limit", "200", "--out", str(out), "--no-progress", "--chat", "no"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert sorted(p.name for p in out.iterdir()) == ["results.json", "samples_arc_easy.jsonl",
                                                        "samples_gsm8k.jsonl", "samples_hellaswag.jsonl"]
@@ -204,18 +204,18 @@ def test_gsm8k_arc_easy_hellaswag_end_to_end(trained_checkpoint, tmp_path):
         r = results["results"][task]
         assert 0 <= r["acc,none"] <= 1 and 0 <= r["acc_norm,none"] <= 1
         p = r["acc,none"]
-        assert r["acc_stderr,none"] == pytest.approx(math.sqrt(p * (1 - p) / 19))  # sample std, n = 20
+        assert r["acc_stderr,none"] == pytest.approx(math.sqrt(p * (1 - p) / 199))  # sample std, n = 200
         assert results["chance"][task] == pytest.approx(0.25, abs=0.02)
         records = [json.loads(line) for line in (out / f"samples_{task}.jsonl").read_text().splitlines()]
-        assert len(records) == 20 and records[3]["doc_id"] == 3
+        assert len(records) == 200 and records[3]["doc_id"] == 3
         assert all(r["correct"] == (int(np.argmax(r["loglikelihoods"])) == r["gold"]) for r in records)
     gsm = results["results"]["gsm8k"]
     assert set(gsm) == {"alias", "exact_match,strict-match", "exact_match_stderr,strict-match",
                         "exact_match,flexible-extract", "exact_match_stderr,flexible-extract"}
     assert results["n-shot"] == {"gsm8k": 5, "arc_easy": 0, "hellaswag": 0}
-    assert results["n-samples"]["hellaswag"] == {"original": 10042, "effective": 20}
+    assert results["n-samples"]["hellaswag"] == {"original": 10042, "effective": 200}
     assert results["sampling"]["gsm8k"]["temperature"] == 0 and results["sampling"]["gsm8k"]["max_new_tokens"] == 32
-    assert results["config"]["limit"] == 20 and results["model"] == str(trained_checkpoint)
+    assert results["config"]["limit"] == 200 and results["model"] == str(trained_checkpoint)
     assert "lower-case" in results["notes"]["hellaswag"] and results["chat_template"] is False
     sample = json.loads((out / "samples_gsm8k.jsonl").read_text().splitlines()[0])
     assert sample["target"] == "18" and len(sample["responses"]) == 1 and "Answer:" in sample["prompt"]
