@@ -10,8 +10,11 @@
     runs/NAME/dpo/final/          the SFT model after DPO on every pair of the ranked samples
     runs/NAME/eval/results.json   perplexity vs a unigram baseline, greedy samples, 4-gram overlap,
                                   accuracy per task cluster: base zero-/few-shot vs SFT zero-shot,
-                                  decoding strategies (quality vs diversity), prompting methods on arithmetic
-    runs/NAME/report.md           everything above for a reader, with the loss curve as a picture
+                                  decoding strategies (quality vs diversity), prompting methods on arithmetic,
+                                  reward model accuracy and DPO vs SFT, every checkpoint compared, contamination
+    runs/NAME/eval/samples_*.jsonl every test prompt, answer and verdict of the task table
+    runs/NAME/report.md           everything above for a reader, with the loss curves and charts as pictures
+    runs/NAME/report.html         the same, self-contained (pictures embedded)
 
 Each stage records the config it ran with; a stage whose record matches the current config is skipped, so a
 stopped run resumes at the first unfinished stage (and pretraining resumes from its last checkpoint).
