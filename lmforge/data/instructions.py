@@ -26,6 +26,7 @@ dropped, never truncated: a truncated answer would teach the model to stop mid-s
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,8 +63,9 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:
 
 # --- reading records ---------------------------------------------------------------------------------------
 
-def _records(path: str | Path) -> Iterator[tuple[str, dict]]:
-    """(where, record) for every record of a file or dataset; `where` is what an error message names."""
+def read_records(path: str | Path) -> Iterator[tuple[str, dict]]:
+    """(where, record) for every record of a file (JSON lines, a JSON list, CSV; gzip-compressed too, e.g.
+    `.jsonl.gz`) or a `datasets` dataset; `where` ("file:line") is what an error message names."""
     p = Path(path)
     if p.is_dir() and any((p / marker).is_file() for marker in HF_DATASET_MARKERS):
         yield from _hf_records(str(path), local=True)
@@ -72,6 +74,8 @@ def _records(path: str | Path) -> Iterator[tuple[str, dict]]:
             yield from _file_records(p)
         except UnicodeDecodeError as e:
             raise BadFileError(f"{path}: not UTF-8 text ({e.reason})") from None
+        except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; a cut-off download ends in EOFError
+            raise BadFileError(f"{path}: unreadable ({e})") from None
     elif _looks_like_hub_name(str(path)):
         yield from _hf_records(str(path), local=False)
     else:
@@ -79,9 +83,12 @@ def _records(path: str | Path) -> Iterator[tuple[str, dict]]:
 
 
 def _file_records(path: Path) -> Iterator[tuple[str, dict]]:
+    gzipped = path.suffix.lower() == ".gz"
+    kind = Path(path.stem).suffix.lower() if gzipped else path.suffix.lower()
     # utf-8-sig drops a byte-order mark (Excel's CSVs have one); newline="" keeps "\r\n" inside CSV cells.
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        if path.suffix.lower() == ".csv":
+    opener = gzip.open if gzipped else open
+    with opener(path, "rt", encoding="utf-8-sig", newline="") as f:
+        if kind == ".csv":
             reader = csv.DictReader(f)
             reader.fieldnames  # reads the header, so the first record starts on the next line
             start = reader.line_num + 1
@@ -90,7 +97,7 @@ def _file_records(path: Path) -> Iterator[tuple[str, dict]]:
                 start = reader.line_num + 1
             return
         text = f.read()
-    if path.suffix.lower() == ".json" and text.strip():
+    if kind == ".json" and text.strip():
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
@@ -146,20 +153,26 @@ def _text(record: dict, key: str, where: str, required: bool = True) -> str:
     return value
 
 
+def parse_message(m, where: str, label: str) -> dict:
+    """One {role, content} message of a record, checked: a known role and string content."""
+    if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        raise BadFileError(f"{where}: {label} needs 'role' and 'content', got {m!r:.80}")
+    if m["role"] not in ROLES:
+        raise BadFileError(f"{where}: {label} has unknown role {m['role']!r} (expected one of {ROLES})")
+    if not isinstance(m["content"], str):
+        raise BadFileError(f"{where}: {label} ({m['role']}) has non-string content")
+    return {"role": m["role"], "content": m["content"]}
+
+
 def _check_messages(messages, where: str, field_name: str) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise BadFileError(f"{where}: field {field_name!r} must be a non-empty list of messages")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise BadFileError(f"{where}: {field_name}[{i}] needs 'role' and 'content', got {m!r:.80}")
-        if m["role"] not in ROLES:
-            raise BadFileError(f"{where}: {field_name}[{i}] has unknown role {m['role']!r} (expected one of {ROLES})")
+    out = [parse_message(m, where, f"{field_name}[{i}]") for i, m in enumerate(messages)]
+    for i, m in enumerate(out):
         if m["role"] == "system" and i != 0:
             raise BadFileError(f"{where}: {field_name}[{i}] is a system message; only the first may be")
-        if not isinstance(m["content"], str) or not m["content"].strip():
-            raise BadFileError(f"{where}: {field_name}[{i}] ({m['role']}) has empty or non-string content")
-        out.append({"role": m["role"], "content": m["content"]})
+        if not m["content"].strip():
+            raise BadFileError(f"{where}: {field_name}[{i}] ({m['role']}) has empty content")
     if out[-1]["role"] != "assistant":
         raise BadFileError(f"{where}: the last message of {field_name!r} is from the {out[-1]['role']}, "
                            "not the assistant (there is nothing to train on)")
@@ -224,7 +237,7 @@ def read_examples(path: str | Path, format: str = "auto", columns: dict | None =
         fmt = format
     columns = dict(columns or ALPACA_COLUMNS)
     examples = []
-    for where, record in _records(path):
+    for where, record in read_records(path):
         if fmt == "auto":
             fmt = _detect(record, where)
         examples.append(_to_example(record, fmt, columns, where))

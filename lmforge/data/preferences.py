@@ -10,8 +10,8 @@ Formats (`read_pairs(path, format="auto")` and `read_ranked` pick one from the k
     sharegpt  {"conversations": [{"from", "value"}], "chosen": {"from", "value"}, "rejected": {...}}
               (LLaMA-Factory's ranking data, e.g. its dpo_en_demo.json; from: system/human/gpt)
 
-Files: JSON lines (.jsonl, or gzip-compressed .jsonl.gz as HH-RLHF ships), a .json list, and whatever else
-`read_examples` reads (a local `datasets` directory, a Hub name). Both readers take every format: a pair is a
+Files: whatever `instructions.read_records` reads: JSON lines (also gzip-compressed, as HH-RLHF ships its
+.jsonl.gz), a .json list, a local `datasets` directory, a Hub name. Both readers take every format: a pair is a
 ranking of two, and a ranking of K gives its C(K,2) pairs. A reward model should train on the rankings themselves
 (read_ranked): InstructGPT found that shuffling a prompt's C(K,2) pairs into one dataset overfits within an epoch,
 and scores all of them as one batch element instead (alignment.md §2).
@@ -27,19 +27,16 @@ cut at different places compare fragments. It is an error only when nothing usab
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import re
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-from lmforge.data.instructions import SHAREGPT_ROLES, _object
-from lmforge.data.instructions import _records as _plain_records
+from lmforge.data.instructions import SHAREGPT_ROLES, parse_message, read_records
 from lmforge.errors import BadConfigError, BadFileError
-from lmforge.tokenizer import ROLES
 
 FORMATS = ("auto", "pairs", "ranked", "hh_rlhf", "sharegpt")
 HH_ASSISTANT = "\n\nAssistant:"
@@ -63,29 +60,6 @@ class Ranked:
 
 
 # --- reading records ---------------------------------------------------------------------------------------
-
-def _records(path: str | Path) -> Iterator[tuple[str, dict]]:
-    """(where, record) of every record; gzip files are JSON lines, everything else goes to instructions.py."""
-    p = Path(path)
-    if p.suffix.lower() != ".gz":
-        yield from _plain_records(path)
-        return
-    if not p.is_file():
-        raise BadFileError(f"{path}: no such file")
-    try:
-        with gzip.open(p, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise BadFileError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-                    yield _object(record, f"{path}:{lineno}")
-    except UnicodeDecodeError as e:
-        raise BadFileError(f"{path}: not UTF-8 text ({e.reason})") from None
-    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; a cut-off download ends in EOFError
-        raise BadFileError(f"{path}: not a readable gzip file ({e})") from None
-
 
 def _detect(record: dict, where: str) -> str:
     keys = set(record)
@@ -113,16 +87,7 @@ def _messages(value, where: str, name: str, role: str) -> list[dict]:
         return [{"role": role, "content": value}]
     if not isinstance(value, list) or not value:
         raise BadFileError(f"{where}: field {name!r} must be a string or a non-empty list of messages")
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise BadFileError(f"{where}: {name}[{i}] needs 'role' and 'content', got {m!r:.80}")
-        if m["role"] not in ROLES:
-            raise BadFileError(f"{where}: {name}[{i}] has unknown role {m['role']!r} (expected one of {ROLES})")
-        if not isinstance(m["content"], str):
-            raise BadFileError(f"{where}: {name}[{i}] ({m['role']}) has non-string content")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
+    return [parse_message(m, where, f"{name}[{i}]") for i, m in enumerate(value)]
 
 
 # --- records -> (prompt, responses best first) -------------------------------------------------------------
@@ -234,7 +199,7 @@ def read_ranked(path: str | Path, format: str = "auto") -> tuple[list[Ranked], d
     if format not in FORMATS:
         raise BadConfigError(f"format must be one of {FORMATS}, got {format!r}")
     fmt, ranked, skipped = format, [], {}
-    for where, record in _records(path):
+    for where, record in read_records(path):
         if fmt == "auto":
             fmt = _detect(record, where)
         prompt, responses = PARSERS[fmt](record, where)

@@ -27,10 +27,7 @@ arithmetic mod 2^64; two different n-grams collide with probability ~2^-64, so e
 
 from __future__ import annotations
 
-import csv
-import gzip
 import hashlib
-import io
 import json
 import re
 from dataclasses import dataclass
@@ -42,6 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lmforge.data.corpus import read_documents
+from lmforge.data.instructions import read_records as instruction_records
 from lmforge.errors import BadConfigError, BadFileError, MismatchError
 
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared/data beside the repository
@@ -158,12 +156,6 @@ def contamination(items: list[str], index: NgramIndex, n: int = 13, max_examples
 
 # --- reading benchmark files --------------------------------------------------------------------------------------
 
-def _open_text(path: Path):
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path), encoding="utf-8-sig", newline="")
-    return open(path, encoding="utf-8-sig", newline="")
-
-
 def read_records(path: str | Path) -> list[dict]:
     """Records of a .jsonl, .json (a list of records) or .csv file, optionally gzipped (`.jsonl.gz`)."""
     path = Path(path)
@@ -172,25 +164,7 @@ def read_records(path: str | Path) -> list[dict]:
         raise BadFileError(f"{path}: no such file")
     if kind not in (".jsonl", ".json", ".csv"):
         raise BadFileError(f"{path}: a benchmark is a .jsonl, .json or .csv file (or a name: {', '.join(BENCHMARKS)})")
-    try:
-        with _open_text(path) as f:
-            if kind == ".csv":
-                return list(csv.DictReader(f))
-            if kind == ".json":
-                records = json.load(f)
-                return records if isinstance(records, list) else [records]
-            records = []
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise BadFileError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            return records
-    except json.JSONDecodeError as e:
-        raise BadFileError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    except (UnicodeDecodeError, OSError) as e:
-        raise BadFileError(f"{path}: unreadable ({e})") from None
+    return [record for _, record in instruction_records(path)]
 
 
 def _field(record: dict, dotted: str):

@@ -18,6 +18,7 @@ from typing import Annotated
 
 import tyro
 
+from lmforge.data.instructions import read_records
 from lmforge.errors import BadConfigError, BadFileError
 from lmforge.infer.engine import Engine
 from lmforge.infer.sampling import SamplingParams
@@ -51,19 +52,9 @@ def _load(model_path: str, device: str):
 
 def read_prompts(path: str) -> list[dict]:
     records = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise BadFileError(f"{path}: {e.strerror}") from None
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BadFileError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not ({"prompt", "messages"} & record.keys()):
-            raise BadFileError(f"{path}:{lineno}: needs a 'prompt' or 'messages' field")
+    for where, record in read_records(path):
+        if not ({"prompt", "messages"} & record.keys()):
+            raise BadFileError(f"{where}: needs a 'prompt' or 'messages' field")
         records.append(record)
     if not records:
         raise BadFileError(f"{path}: no prompts")

@@ -19,7 +19,6 @@ are only defined up to a constant). Accuracy is the share of held-out comparison
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from itertools import combinations
@@ -29,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.checkpoint import load_checkpoint, save_checkpoint
-from lmforge.data.preferences import drop_too_long, format_skips, read_ranked
+from lmforge.data.instructions import read_records
+from lmforge.data.preferences import drop_too_long, format_skips, read_ranked, write_jsonl
 from lmforge.errors import BadConfigError, BadFileError
 from lmforge.model import RewardModel
 from lmforge.train.loop import TrainConfig, example_batches, train, world_info
@@ -118,20 +118,27 @@ def reward_loss(model, batch, margin: float = 0.0, center: float = 0.0) -> tuple
 
 
 @torch.no_grad()
-def pair_accuracy(model, groups: list[list[list[int]]], pad_id: int, batch_size: int = 16) -> float:
-    """Share of the comparisons (every ordered pair of every group) the model ranks like the labels."""
+def group_rewards(model, groups: list[list[list[int]]], pad_id: int, batch_size: int = 16) -> list[list[float]]:
+    """The reward of every response of every group, group by group, in eval mode."""
     model.eval()
     device = next(model.parameters()).device
-    right = total = 0
+    out = []
     for i in range(0, len(groups), batch_size):
         batch = collate_groups(groups[i:i + batch_size], pad_id)
-        rewards = model(batch["input_ids"].to(device), batch["lengths"].to(device)).tolist()
-        start = 0
+        values = model(batch["input_ids"].to(device), batch["lengths"].to(device)).tolist()
         for k in batch["group_sizes"]:
-            r = rewards[start:start + k]
-            start += k
-            right += sum(r[a] > r[b] for a, b in combinations(range(k), 2))
-            total += k * (k - 1) // 2
+            out.append(values[:k])
+            values = values[k:]
+    return out
+
+
+def pair_accuracy(model, groups: list[list[list[int]]], pad_id: int, batch_size: int = 16) -> float:
+    """Share of the comparisons (every ordered pair of every group) the model ranks like the labels."""
+    right = total = 0
+    for r in group_rewards(model, groups, pad_id, batch_size):
+        pairs = list(combinations(range(len(r)), 2))
+        right += sum(r[a] > r[b] for a, b in pairs)
+        total += len(pairs)
     return right / max(total, 1)
 
 
@@ -180,9 +187,11 @@ class ScoreConfig:
     out: str = ""
     """Where to write the records with `reward` (or `rewards`) added; default: print them."""
     batch_size: int = 16
+    """Records (each with all its responses) per forward pass."""
 
 
-def _prompt_messages(prompt, where: str) -> list[dict]:
+def prompt_messages(prompt, where: str) -> list[dict]:
+    """A record's `prompt`: a string (one user message) or a list of {role, content} messages."""
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
     if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
@@ -193,38 +202,19 @@ def _prompt_messages(prompt, where: str) -> list[dict]:
 def score_file(cfg: ScoreConfig) -> list[dict]:
     """Add the reward model's score to every response of a JSONL file, written atomically."""
     model, tokenizer, _ = load_checkpoint(cfg.model, kind="reward_model")
-    model.eval()
-    records, rows = [], []  # rows: (record index, token ids)
-    with open(cfg.data, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{cfg.data}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BadFileError(f"{where}: not valid JSON ({e.msg})") from None
-            if "prompt" not in record or not ("response" in record or "responses" in record):
-                raise BadFileError(f"{where}: needs 'prompt' and 'response' or 'responses'")
-            responses = record["responses"] if "responses" in record else [record["response"]]
-            for ids in encode_group(tokenizer, _prompt_messages(record["prompt"], where), responses):
-                # too long for the context: the prompt's start goes, the response and its EOS stay
-                rows.append((len(records), ids[-model.cfg.max_seq_len:]))
-            records.append(record)
-    scores: list[list[float]] = [[] for _ in records]
-    with torch.no_grad():
-        for i in range(0, len(rows), cfg.batch_size):
-            chunk = rows[i:i + cfg.batch_size]
-            batch = collate_groups([[ids for _, ids in chunk]], tokenizer.pad_id)
-            for (r, _), value in zip(chunk, model(batch["input_ids"], batch["lengths"]).tolist()):
-                scores[r].append(value)
-    for record, values in zip(records, scores):
+    records, groups = [], []
+    for where, record in read_records(cfg.data):
+        if "prompt" not in record or not ("response" in record or "responses" in record):
+            raise BadFileError(f"{where}: needs 'prompt' and 'response' or 'responses'")
+        responses = record["responses"] if "responses" in record else [record["response"]]
+        # too long for the context: the prompt's start goes, the response and its EOS stay
+        groups.append([ids[-model.cfg.max_seq_len:]
+                       for ids in encode_group(tokenizer, prompt_messages(record["prompt"], where), responses)])
+        records.append(record)
+    for record, values in zip(records, group_rewards(model, groups, tokenizer.pad_id, cfg.batch_size)):
         record["rewards" if "responses" in record else "reward"] = values if "responses" in record else values[0]
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     if cfg.out:
-        tmp = Path(cfg.out).with_name(Path(cfg.out).name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, cfg.out)
+        write_jsonl(cfg.out, records)
     else:
-        print(text, end="")
+        print("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), end="")
     return records

@@ -16,22 +16,21 @@ Prompts whose samples all score the same give no ranking and are counted.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from lmforge.checkpoint import load_checkpoint
 from lmforge.data.oracle import OracleConfig, gold_score, rank
+from lmforge.data.instructions import read_records
 from lmforge.data.preferences import write_jsonl
 from lmforge.data.world_tasks import prompt_text
 from lmforge.errors import BadConfigError, BadFileError
 from lmforge.infer.engine import Engine
 from lmforge.infer.sampling import SamplingParams
-from lmforge.train.reward import collate_groups, encode_group
+from lmforge.train.reward import encode_group, group_rewards, prompt_messages
 
 
 @dataclass(frozen=True)
@@ -55,26 +54,13 @@ class SampleConfig:
 
 
 def read_prompts(path: str) -> list[tuple[list[dict], dict]]:
-    """(prompt messages, the record) per line: a world record's user turn is `prompt_text(record)`."""
+    """(prompt messages, the record) per record: a world record's user turn is `prompt_text(record)`."""
     out = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise BadFileError(f"{path}: cannot read ({e.strerror})") from None
-    for line_no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{line_no}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BadFileError(f"{where}: not valid JSON ({e.msg})") from None
+    for where, record in read_records(path):
         if "instruction" in record and "meta" in record:
             messages = [{"role": "user", "content": prompt_text(record)}]
-        elif isinstance(record.get("prompt"), str):
-            messages = [{"role": "user", "content": record["prompt"]}]
-        elif isinstance(record.get("prompt"), list):
-            messages = record["prompt"]
+        elif "prompt" in record:
+            messages = prompt_messages(record["prompt"], where)
         else:
             raise BadFileError(f"{where}: needs a world task record or a 'prompt' (string or messages)")
         out.append((messages, record))
@@ -97,19 +83,10 @@ def sample_responses(model, tokenizer, prompts: list[list[dict]], k: int, temper
     return out
 
 
-@torch.no_grad()
 def reward_scores(reward_model, tokenizer, prompts: list[list[dict]], responses: list[list[str]],
                   batch_size: int = 8) -> list[list[float]]:
-    reward_model.eval()
-    scores = []
-    for i in range(0, len(prompts), batch_size):
-        groups = [encode_group(tokenizer, p, r) for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
-        batch = collate_groups(groups, tokenizer.pad_id)
-        values = reward_model(batch["input_ids"], batch["lengths"]).tolist()
-        for size in batch["group_sizes"]:
-            scores.append(values[:size])
-            values = values[size:]
-    return scores
+    groups = [encode_group(tokenizer, p, r) for p, r in zip(prompts, responses)]
+    return group_rewards(reward_model, groups, tokenizer.pad_id, batch_size)
 
 
 def rankings(prompts, records, responses, scores, rng: random.Random, noise: float) -> tuple[list[dict], int]:
