@@ -395,12 +395,13 @@ def run(cfg: RunConfig) -> dict:
     # --- every checkpoint side by side; the world's test tasks checked for 13-gram overlap with the corpus ------
     t0 = time.perf_counter()
     results["tasks"]["dpo_zero_shot"] = cluster_accuracy(dpo_model, sft_tokenizer, test_records, score, "chat")
-    results["checkpoints"] = {}
-    with torch.no_grad():
-        for name, (m, mode) in {"pretrain": (model, "base_zero_shot"), "sft": (sft_model, "sft_zero_shot"),
-                                "dpo": (dpo_model, "dpo_zero_shot")}.items():
-            results["checkpoints"][name] = {"perplexity": perplexity(m, tokenizer, valid_texts),
-                                            "task_accuracy": results["tasks"][mode]["_all"]["accuracy"]}
+    with torch.no_grad():  # the pretrained model's perplexity is the one measured in the eval stage
+        fits = {"pretrain": model_ppl, "sft": perplexity(sft_model, tokenizer, valid_texts),
+                "dpo": perplexity(dpo_model, tokenizer, valid_texts)}
+    modes = {"pretrain": "base_zero_shot", "sft": "sft_zero_shot", "dpo": "dpo_zero_shot"}
+    results["checkpoints"] = {
+        name: {"perplexity": fits[name], "task_accuracy": results["tasks"][mode]["_all"]["accuracy"]}
+        for name, mode in modes.items()}
     index = build_ngram_index(train_texts, n=13)
     by_cluster: dict[str, list[str]] = {}
     for r in test_records:

@@ -20,6 +20,7 @@ from typing import Callable
 
 from lmforge.data.world_tasks import prompt_text
 from lmforge.evaluate.metrics import distinct_n
+from lmforge.evaluate.world_tasks import prompts_for
 from lmforge.infer.engine import Engine
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.scoring import loglikelihood_tokens
@@ -41,7 +42,7 @@ def decoding_tradeoffs(model, tokenizer, records: list[dict], score: Callable[[d
     model on `records` (world task records, asked zero-shot through the chat template)."""
     engine = Engine(model, tokenizer, max_batch_size=32)
     keep = engine.max_len - max_new_tokens  # a long request loses its start rather than the answer its room
-    prompts = [tokenizer.render_prompt([{"role": "user", "content": prompt_text(r)}])[-keep:] for r in records]
+    prompts = [p[-keep:] for p in prompts_for(records, tokenizer, "chat")]
     results = {}
     for name, options in STRATEGIES.items():
         params = SamplingParams(max_new_tokens=max_new_tokens, seed=seed, **options)

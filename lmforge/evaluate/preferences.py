@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from lmforge.data.oracle import OracleConfig, gold_score
-from lmforge.data.world_tasks import prompt_text, score
+from lmforge.data.world_tasks import score
+from lmforge.evaluate.world_tasks import prompts_for
 from lmforge.infer.engine import Engine
 from lmforge.infer.sampling import SamplingParams
 from lmforge.train.sample_preferences import reward_scores
@@ -48,7 +49,7 @@ def reward_model_accuracy(reward_model, tokenizer, ranked: list[dict]) -> dict:
 def greedy_answers(model, tokenizer, records: list[dict], max_new_tokens: int = 64) -> list[str]:
     engine = Engine(model, tokenizer, max_batch_size=32)
     keep = engine.max_len - max_new_tokens
-    prompts = [tokenizer.render_prompt([{"role": "user", "content": prompt_text(r)}])[-keep:] for r in records]
+    prompts = [p[-keep:] for p in prompts_for(records, tokenizer, "chat")]
     return [o.text.strip() for o in engine.generate(prompts, SamplingParams(temperature=0,
                                                                             max_new_tokens=max_new_tokens))]
 
