@@ -268,7 +268,7 @@ class Engine:
         raw = raw_logits.float()
         # A greedy row without penalties gets the argmax of its raw logits (what process_logits + sample_next
         # would give it); those rows share one argmax and one device sync instead of a few ops each.
-        plain = [r.params.is_greedy and not _has_penalties(r.params) for r in requests]
+        plain = [r.params.is_greedy and not r.params.has_penalties for r in requests]
         argmax = raw.argmax(-1).tolist() if any(plain) else []
         tokens = [argmax[i] if plain[i] else
                   sample_next(process_logits(raw[i], r.params, r.prompt_ids, r.generated), r.params, r.generator)
@@ -472,10 +472,6 @@ def _same_length_runs(requests: list[_Request]) -> list[list[_Request]]:
         else:
             runs.append([r])
     return runs
-
-
-def _has_penalties(params: SamplingParams) -> bool:
-    return params.repetition_penalty != 1.0 or params.frequency_penalty != 0 or params.presence_penalty != 0
 
 
 def _one_sample(params: SamplingParams, j: int) -> SamplingParams:

@@ -116,6 +116,11 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def has_penalties(self) -> bool:
+        """Whether the repetition, frequency or presence penalty changes the logits (greedy rows included)."""
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0 or self.presence_penalty != 0
+
 
 # --------------------------------------------------------------------------- processors, in the order applied
 
