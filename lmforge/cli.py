@@ -46,6 +46,16 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
 }
 
 
+def _experiment_commands() -> None:
+    from lmforge.experiments import EXPERIMENTS, config_ref, function_ref
+
+    for name, (_, help_text) in EXPERIMENTS.items():
+        COMMANDS[("experiment", name)] = (config_ref(name), function_ref(name), help_text)
+
+
+_experiment_commands()
+
+
 @dataclass(frozen=True)
 class InfoConfig:
     preset: str = ""
@@ -89,7 +99,7 @@ def _load(ref: str):
 def _usage() -> str:
     lines = ["usage: lmforge COMMAND [--help] [FLAGS]", "", "commands:"]
     for words, (_, _, help_text) in COMMANDS.items():
-        lines.append(f"  {' '.join(words):20s} {help_text}")
+        lines.append(f"  {' '.join(words):26s} {help_text}")
     return "\n".join(lines)
 
 

@@ -415,6 +415,7 @@ def run(cfg: RunConfig) -> dict:
     tmp = eval_dir / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False))
     tmp.replace(eval_dir / "results.json")
+    (eval_dir / "timings.json").write_text(json.dumps(timings, indent=2))
 
     # --- report -------------------------------------------------------------------------------------------
     from lmforge.evaluate.report import write_report

@@ -244,6 +244,9 @@ def write_report(out: Path, cfg, results: dict, timings: dict, record: dict) -> 
         lines += preference_section(results["preferences"])
     if "checkpoints" in results:
         lines += checkpoints_section(results["checkpoints"], results.get("contamination"))
+    from lmforge.experiments import report_sections
+
+    lines += report_sections(out)
     lines += ["", "## Time per stage", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
     lines += ["", "<details><summary>resolved config</summary>", "", "```json",
@@ -254,6 +257,22 @@ def write_report(out: Path, cfg, results: dict, timings: dict, record: dict) -> 
     tmp.replace(path)
     write_html(path)
     return path
+
+
+def refresh_report(out: Path) -> Path | None:
+    """Render a finished run's report again from what it saved (after an experiment adds its section);
+    None when `out` holds no finished run."""
+    import tomllib
+
+    from lmforge.checkpoint import read_record
+    from lmforge.pipeline import RunConfig
+
+    results_file, timings_file = out / "eval" / "results.json", out / "eval" / "timings.json"
+    if not (results_file.is_file() and timings_file.is_file() and (out / "config.toml").is_file()):
+        return None
+    cfg = RunConfig(**tomllib.loads((out / "config.toml").read_text(encoding="utf-8")))
+    return write_report(out, cfg, json.loads(results_file.read_text(encoding="utf-8")),
+                        json.loads(timings_file.read_text(encoding="utf-8")), read_record(out / "pretrain" / "final"))
 
 
 HTML_STYLE = """
