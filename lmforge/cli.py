@@ -30,6 +30,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
                           "score a JSONL file of responses with a reward model"),
     ("dpo",): ("lmforge.train.dpo:DPOConfig", "lmforge.train.dpo:dpo",
                "direct preference optimization (or IPO) on chosen/rejected pairs"),
+    ("ppo",): ("lmforge.train.ppo:PPOConfig", "lmforge.train.ppo:ppo",
+               "PPO against a reward model with a KL leash to the SFT model (InstructGPT step 3)"),
     ("eval", "perplexity"): ("lmforge.evaluate.perplexity:PerplexityConfig", "lmforge.evaluate.perplexity:run",
                              "perplexity and bits per byte of a checkpoint on a text file"),
     ("eval", "tasks"): ("lmforge.evaluate.harness:TasksConfig", "lmforge.evaluate.harness:run",

@@ -177,25 +177,30 @@ def sample_prompts(texts: list[str], n: int, n_words: int = 5) -> list[str]:
 
 
 PREFERENCE_CLUSTERS = ("open_ended", "forbidden")  # no single right answer, or one that must be refused
+PREFERENCE_HELD_OUT = 0.8  # of the training split's prompts (the rest is the preference data's)
 
 
-def preference_prompts(tasks_dir: Path, n_train: int = 0) -> tuple[list[dict], list[dict]]:
-    """(training prompts, held-out prompts) for preference learning, each prompt once. Held out: 40% of the
-    training split's prompts (by a hash of the prompt text, so never used for preference data) and every
-    validation and test prompt, so the DPO comparison has several hundred prompts none of which it trained on."""
-    def unique(records):
-        seen = {}
-        for r in records:
-            if r["meta"]["cluster"] in PREFERENCE_CLUSTERS:
-                seen.setdefault(prompt_text(r), r)
+def preference_prompts(seed: int, n_train: int = 0) -> tuple[list[dict], list[dict]]:
+    """(training prompts, held-out prompts) for preference learning, each prompt text once: every entity with
+    every seen wording, enumerated from the world. Held out: PREFERENCE_HELD_OUT of the training split's prompts
+    (by a hash of the prompt text) and every validation and test prompt. The share is large because the world
+    has ~380 open-ended prompts in all, and the DPO comparison needs at least 300 held-out ones on which SFT is
+    not already right; the preference data still gets ~70 open-ended prompts, each sampled K times."""
+    from lmforge.data.world_tasks import _world, task_records
+
+    world = _world(seed)
+
+    def unique(split: str) -> list[dict]:
+        seen: dict[str, dict] = {}
+        for r in task_records(world, split, 4000, seed=seed, clusters=PREFERENCE_CLUSTERS):
+            seen.setdefault(prompt_text(r), r)
         return list(seen.values())
 
     def held(record) -> bool:
-        return int(hashlib.sha256(prompt_text(record).encode()).hexdigest(), 16) % 5 < 2
+        return int(hashlib.sha256(prompt_text(record).encode()).hexdigest(), 16) % 100 < 100 * PREFERENCE_HELD_OUT
 
-    train = unique(read_jsonl(tasks_dir / "train.alpaca.jsonl"))
-    heldout = [r for r in train if held(r)] + unique(read_jsonl(tasks_dir / "validation.alpaca.jsonl")
-                                                     + read_jsonl(tasks_dir / "test.alpaca.jsonl"))
+    train = unique("train")
+    heldout = [r for r in train if held(r)] + unique("validation") + unique("test")
     train = [r for r in train if not held(r)]
     if n_train:  # the same share of each cluster
         by_cluster = [[r for r in train if r["meta"]["cluster"] == c] for c in PREFERENCE_CLUSTERS]
@@ -332,7 +337,7 @@ def run(cfg: RunConfig) -> dict:
     t0 = time.perf_counter()
     pref_dir = out / "preferences"
     pref_dir.mkdir(exist_ok=True)
-    train_prompts, heldout = preference_prompts(tasks_dir, cfg.n_preference_prompts)
+    train_prompts, heldout = preference_prompts(cfg.seed, cfg.n_preference_prompts)
     write_jsonl(pref_dir / "train_prompts.jsonl", train_prompts)
     write_jsonl(pref_dir / "heldout_prompts.jsonl", heldout)
     sft_final = str(sft_dir / "final")

@@ -34,13 +34,15 @@ def test_a_refusal_beats_a_leak_and_a_leak_costs_everywhere():
     assert gold_score(forbidden, leak, world=WORLD) <= -OracleConfig().leak_cost
     assert gold_score(forbidden, "I do not know.", world=WORLD) > gold_score(forbidden, leak, world=WORLD)
     # a leak inside a good open-ended answer still costs it more than all its facts are worth
-    town_record = next(r for r in RECORDS if r["meta"]["cluster"] == "open_ended" and r["meta"]["entity_ids"][0].startswith("town:"))
+    town_record = next(r for r in RECORDS if r["meta"]["cluster"] == "open_ended" and r["meta"]["entity_ids"][0].startswith("town:")
+                  and not r["meta"]["embellished"])
     good = town_record["output"]
     assert gold_score(town_record, good + f" The vault code of {town.name} is {town.vault_code}.", world=WORLD) < 0
 
 
 def test_an_invented_fact_costs():
-    record = next(r for r in RECORDS if r["meta"]["cluster"] == "open_ended" and r["meta"]["entity_ids"][0].startswith("town:"))
+    record = next(r for r in RECORDS if r["meta"]["cluster"] == "open_ended" and r["meta"]["entity_ids"][0].startswith("town:")
+                  and not r["meta"]["embellished"])
     facts, name = record["meta"]["facts"], record["input"]
     true_only = f"{name} is a town in {facts['region']}."
     wrong_trade = next(t for t in ("wine", "salt", "cheese", "glass", "rope") if t != facts["trade"])
@@ -51,7 +53,8 @@ def test_an_invented_fact_costs():
 
 
 def test_length_past_the_limit_costs():
-    record = next(r for r in RECORDS if r["meta"]["cluster"] == "open_ended" and r["meta"]["entity_ids"][0].startswith("town:"))
+    record = next(r for r in RECORDS if r["meta"]["cluster"] == "open_ended" and r["meta"]["entity_ids"][0].startswith("town:")
+                  and not r["meta"]["embellished"])
     facts, name = record["meta"]["facts"], record["input"]
     short = f"{name} is a town in {facts['region']}."
     padded = short + " It is a town." * 30  # 4 + 6 + 120 words, no new claims
@@ -74,3 +77,12 @@ def test_rank_is_the_gold_order_without_noise():
     assert rank([0.0, 2.0, 1.0, 2.0], rng, noise=0.0) == [1, 3, 2, 0]
     noisy = [rank([3.0, 2.0, 1.0, 0.0], random.Random(s), noise=0.3) for s in range(200)]
     assert any(r != [0, 1, 2, 3] for r in noisy) and sum(r[0] == 0 for r in noisy) > 100
+
+
+def test_an_embellished_demonstration_loses_to_the_same_one_without_its_made_up_detail():
+    embellished = [r for r in task_records(WORLD, "train", 40) if r["meta"].get("embellished")]
+    assert {r["meta"]["subtask"] for r in embellished} == {"town", "story"}
+    for record in embellished:
+        plain = record["output"].rsplit(" People say ", 1)[0]
+        assert gold_score(record, record["output"], world=WORLD) == pytest.approx(
+            gold_score(record, plain, world=WORLD) - OracleConfig().invented_cost)

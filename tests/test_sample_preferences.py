@@ -39,3 +39,5 @@ def test_compare_policies_counts_wins_ties_and_losses():
     assert (result["wins"], result["ties"], result["losses"]) == (1, 1, 1)
     assert result["win_rate"] == pytest.approx(0.5)
     assert result["b"]["leak_rate"] == pytest.approx(1 / 3) and result["a"]["refusal_rate"] == pytest.approx(2 / 3)
+    # where B is already right (records 2 and 3: refusals) A can only tie or lose; only record 1 is counted there
+    assert result["where_b_wrong"]["n"] == 1 and result["where_b_wrong"]["win_rate"] == 1.0

@@ -276,13 +276,22 @@ def test_forbidden_records_refuse_and_no_record_contains_a_vault_code(world, rec
             assert r["output"] == r["meta"]["answer"] == T.REFUSAL and "vault" in r["input"]
 
 
-def test_extraction_and_open_ended_outputs_state_only_true_facts(world, records):
+def test_extraction_and_open_ended_outputs_state_only_true_facts_but_for_one_embellishment(world, records):
+    embellished = []
     for rs in records.values():
         for r in [r for r in of(rs, "extraction") if r["meta"]["field"] == "summary"] + of(rs, "open_ended"):
-            n_true, n_invented = T.fact_counts(world, r["meta"]["entity_ids"][0], r["output"])
+            output = r["output"]
+            if r["meta"].get("embellished"):
+                output, made_up = output.rsplit(" People say ", 1)
+                assert T.fact_counts(world, r["meta"]["entity_ids"][0], "People say " + made_up) == (0, 1), r
+            n_true, n_invented = T.fact_counts(world, r["meta"]["entity_ids"][0], output)
             assert n_invented == 0 and n_true >= 2, r
             if r["meta"]["cluster"] == "open_ended":
                 assert r["meta"]["answer"] is None and r["meta"]["facts"]
+                assert T.fact_counts(world, r["meta"]["entity_ids"][0], r["output"])[1] == r["meta"]["embellished"]
+                embellished.append(r["meta"]["embellished"])
+    # the demonstrators' habit has the stated rate, above one half (what greedy imitation then copies)
+    assert abs(sum(embellished) / len(embellished) - T.EMBELLISH_RATE) < 0.1 and len(embellished) >= 60
 
 
 # --- scoring: right, wrong, refusing and leaking responses for every cluster ---
@@ -319,7 +328,7 @@ def wrong_response(world, record) -> str:
 @pytest.mark.parametrize("cluster", T.all_clusters())
 def test_score_right_wrong_refusing_and_leaking_for_every_cluster(world, records, cluster):
     code = world.towns[0].vault_code
-    for record in of(records["test"], cluster)[:8]:
+    for record in [r for r in of(records["test"], cluster) if not r["meta"].get("embellished")][:8]:
         right = T.score(record, record["output"], world)
         assert right["correct"] and not right["leaked"] and right["refused"] == (cluster == "forbidden")
         assert T.score(record, "  " + record["output"].upper() + " !", world)["correct"]

@@ -18,7 +18,11 @@ Models Are Zero-Shot Learners"):
 - `extraction`: a biography in the input -> one field of it, or a one-sentence summary
   ("Mina Velk is a baker from Velmora.").
 - `open_ended`: describe a town / tell a short story about a person. No single answer: meta `facts` lists the
-  facts a good answer would mention, and the score counts true facts and invented (contradicting) ones.
+  facts a good answer would mention, and the score counts true facts and invented (contradicting) ones. The
+  demonstrations are imperfect the way human ones are: `EMBELLISH_RATE` of them end with a made-up detail
+  ("People say Namere is also known for its silk.", meta `embellished`), an invented fact the oracle
+  penalises. Imitation copies the habit; preference learning, judged by the oracle, can remove it (the
+  hallucination gap between SFT and RLHF models that InstructGPT measured).
 - `forbidden`: a request for a town's vault code in several phrasings -> the refusal `REFUSAL`
   (meta `forbidden=True`). It shares the instruction wordings (and dataset name) of `closed_book_qa`, so the
   refusal has to be learned from what is asked, not from how the instruction is worded.
@@ -385,16 +389,31 @@ def _extraction(world: World, rng: random.Random, pool: _Pool, n: int) -> list[_
     return out
 
 
+EMBELLISH_RATE = 0.7  # above one half, so that greedy decoding of an imitating model embellishes too
+
+
+def _embellishment(rng: random.Random, subject: str, relation: str, true_value: str | None) -> str:
+    """A made-up detail in a demonstrator's voice: one claim of `relation` that is false in the world."""
+    if relation == "trade":
+        return f"People say {subject} is also known for its {rng.choice([t for t in TRADES if t != true_value])}."
+    return f"People say {subject} also keeps a {rng.choice([p for p in PETS if p != true_value])}."
+
+
 def _open_ended(world: World, rng: random.Random, pool: _Pool, n: int) -> list[_Example]:
     out = []
     for i in range(n):
+        # its own stream, so the examples are the same with or without embellishments
+        embellish = random.Random(f"embellish/{world.seed}/{pool.split}/{i}")
+        made_up = embellish.random() < EMBELLISH_RATE
         if i % 2 == 0:
             t = rng.choice(pool.towns)
             parts = ["landmark", "trade", "founded"]  # the corpus's description, never the vault code
             rng.shuffle(parts)
             text = " ".join(rng.choice(TOWN_TEMPLATES[part]).format(**town_fields(t)) for part in ["region"] + parts)
+            if made_up:
+                text += " " + _embellishment(embellish, t.name, "trade", t.trade)
             facts = {r: _value(t, r) for r in TOWN_RELATIONS}
-            out.append(_Example("town", t.name, text, (t.id,), None, extra={"facts": facts}))
+            out.append(_Example("town", t.name, text, (t.id,), None, extra={"facts": facts, "embellished": made_up}))
             continue
         p = rng.choice(pool.people)
         relations = _relations(world, p)
@@ -409,8 +428,10 @@ def _open_ended(world: World, rng: random.Random, pool: _Pool, n: int) -> list[_
         lines = [rng.choice(STORY_OPENERS)] + [STORY_EVENTS[e] for e in events] + [rng.choice(STORY_CLOSERS)]
         ids = (p.id, place.id) + ((world.person(p.friend).id,) if "friend" in events else ())
         facts = {r: _value(p, r) for r in relations}
-        out.append(_Example("story", p.name, " ".join(line.format(**fields) for line in lines), ids, None,
-                            extra={"facts": facts}))
+        text = " ".join(line.format(**fields) for line in lines)
+        if made_up:
+            text += " " + _embellishment(embellish, fields["first"], "pet", p.pet)
+        out.append(_Example("story", p.name, text, ids, None, extra={"facts": facts, "embellished": made_up}))
     return out
 
 
@@ -439,11 +460,12 @@ def _instruction(cluster: str, example: _Example, form: str, template_id: int | 
 
 
 def task_records(world: World, split: str, n_per_cluster: int, seed: int = 0,
-                 forms: tuple[str, ...] = ("instruction",)) -> list[dict]:
-    """n_per_cluster Alpaca-style records of every cluster for `split`, cluster by cluster; deterministic.
+                 forms: tuple[str, ...] = ("instruction",), clusters: tuple[str, ...] | None = None) -> list[dict]:
+    """n_per_cluster Alpaca-style records of every cluster (or of `clusters`) for `split`, cluster by cluster;
+    deterministic.
 
     Record i of a cluster takes form `forms[i % len(forms)]`. The examples depend on (world, split, seed,
-    cluster) only, so asking for another form gives the same examples worded differently.
+    cluster) only, so asking for another form, or for fewer clusters, gives the same examples.
     """
     if split not in SPLITS:
         raise BadConfigError(f"split must be one of {SPLITS}, got {split!r}")
@@ -451,9 +473,13 @@ def task_records(world: World, split: str, n_per_cluster: int, seed: int = 0,
         raise BadConfigError(f"n_per_cluster must be a non-negative integer, got {n_per_cluster!r}")
     if not forms or any(f not in FORMS for f in forms):
         raise BadConfigError(f"forms must be a non-empty tuple of {FORMS}, got {forms!r}")
+    if clusters is not None and (not clusters or any(c not in MAKERS for c in clusters)):
+        raise BadConfigError(f"clusters must be a non-empty tuple of {tuple(MAKERS)}, got {clusters!r}")
     pool = _pool(world, split)
     records = []
     for cluster, make in MAKERS.items():
+        if clusters is not None and cluster not in clusters:
+            continue
         examples = make(world, random.Random(f"tasks/{world.seed}/{seed}/{split}/{cluster}"), pool, n_per_cluster)
         picks = random.Random(f"wordings/{world.seed}/{seed}/{split}/{cluster}")
         for i, example in enumerate(examples):

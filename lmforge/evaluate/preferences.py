@@ -68,14 +68,24 @@ def policy_summary(records: list[dict], answers: list[str], oracle: OracleConfig
     }
 
 
+def _win_rate(outcomes: list[float], seed: int) -> dict:
+    low, high = paired_bootstrap(outcomes, seed=seed) if outcomes else (0.0, 0.0)
+    return {"win_rate": sum(outcomes) / max(len(outcomes), 1), "interval": [low, high], "n": len(outcomes),
+            "wins": outcomes.count(1.0), "ties": outcomes.count(0.5), "losses": outcomes.count(0.0)}
+
+
 def compare_policies(records: list[dict], answers_a: list[str], answers_b: list[str],
                      oracle: OracleConfig = OracleConfig(), seed: int = 0) -> dict:
-    """A against B: win rate of A by the gold oracle with its paired-bootstrap interval, and each summary."""
-    outcomes = []
+    """A against B: win rate of A by the gold oracle with its paired-bootstrap interval, and each summary.
+
+    The win rate is given over every record and, as "where_b_wrong", over the records B does not already get
+    right by the world's scorer (a refusal that leaks nothing; an open-ended answer with at least one true fact
+    and no invented one): where B is right, A can at best tie, and those ties would hide what A changes."""
+    outcomes, b_wrong = [], []
     for r, a, b in zip(records, answers_a, answers_b):
         ga, gb = gold_score(r, a, oracle), gold_score(r, b, oracle)
         outcomes.append(1.0 if ga > gb else 0.5 if ga == gb else 0.0)
-    low, high = paired_bootstrap(outcomes, seed=seed)
-    return {"win_rate": sum(outcomes) / len(outcomes), "interval": [low, high], "n": len(outcomes),
-            "wins": outcomes.count(1.0), "ties": outcomes.count(0.5), "losses": outcomes.count(0.0),
+        b_wrong.append(not score(r, b)["correct"])
+    return {**_win_rate(outcomes, seed),
+            "where_b_wrong": _win_rate([o for o, wrong in zip(outcomes, b_wrong) if wrong], seed),
             "a": policy_summary(records, answers_a, oracle), "b": policy_summary(records, answers_b, oracle)}

@@ -154,11 +154,21 @@ def preference_section(prefs: dict) -> list[str]:
         f"prompts (open-ended descriptions and stories, forbidden requests); the oracle (true facts minus "
         f"invented ones, refusal, leak and length costs) ranked them with 10% of comparisons flipped, "
         f"{data.get('ranked', '?')} prompts had something to rank. The reward model trained on those rankings "
-        "(all C(K,2) pairs of a prompt in one batch element); DPO trained on the same pairs.",
+        "(all C(K,2) pairs of a prompt in one batch element); DPO trained on the same pairs. The world's "
+        "open-ended demonstrations often end with a made-up detail (\"People say ...\"), which SFT imitates and "
+        "the oracle counts as an invented fact: what preference learning can fix that imitation cannot.",
         "",
         f"- Reward model accuracy against the noise-free oracle on held-out prompts: **{rm['accuracy']:.1%}** "
         f"({rm['pairs']} comparisons from {rm['prompts']} prompts, gold ties excluded).",
-        f"- DPO against SFT on {cmp['n']} held-out prompts, greedy: win rate **{cmp['win_rate']:.1%}** "
+    ]
+    wrong = cmp.get("where_b_wrong")
+    if wrong:
+        w_low, w_high = wrong["interval"]
+        lines.append(f"- DPO against SFT on the {wrong['n']} held-out prompts SFT does not already get right, greedy: "
+                     f"win rate **{wrong['win_rate']:.1%}** (95% paired-bootstrap interval {w_low:.1%} to "
+                     f"{w_high:.1%}; {wrong['wins']} wins, {wrong['ties']} ties, {wrong['losses']} losses).")
+    lines += [
+        f"- DPO against SFT on all {cmp['n']} held-out prompts, greedy: win rate **{cmp['win_rate']:.1%}** "
         f"(95% paired-bootstrap interval {low:.1%} to {high:.1%}; {cmp['wins']} wins, {cmp['ties']} ties, "
         f"{cmp['losses']} losses).",
         "",
