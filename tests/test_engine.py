@@ -220,3 +220,13 @@ def test_any_local_hf_causal_lm_runs_through_the_engine(tokenizer, tmp_path, kin
         assert o.token_ids == ref
     (ll, _), = loglikelihood(model, tok, [("The cat", " sat")])
     assert ll < 0
+
+
+def test_generation_under_autocast_keeps_the_cache_dtype(model_and_tokenizer):
+    """A training loop evaluates under bf16 autocast (CUDA); keys and values then arrive in bf16 while the cache
+    holds the fp32 weights' dtype. CPU autocast reproduces it."""
+    model, tokenizer = model_and_tokenizer
+    prompts = [tokenizer.encode(t, add_bos=True) for t in ("The cat", "Mina lives in", "Hi")]  # unequal lengths
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = Engine(model, tokenizer).generate(prompts, SamplingParams(temperature=0, max_new_tokens=6))
+    assert [len(o.token_ids) for o in outputs] and all(o.token_ids for o in outputs)

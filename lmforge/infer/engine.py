@@ -142,8 +142,9 @@ class _DecodeView:
 
     def update(self, layer, k, v):
         keys, values = self.cache.keys[layer], self.cache.values[layer]
-        keys[self.rows, :, self.positions] = k[:, :, 0]
-        values[self.rows, :, self.positions] = v[:, :, 0]
+        # under autocast (a training loop's evaluation) k and v arrive in bf16; the cache keeps the weights' dtype
+        keys[self.rows, :, self.positions] = k[:, :, 0].to(keys.dtype)
+        values[self.rows, :, self.positions] = v[:, :, 0].to(values.dtype)
         return keys[self.rows, :, : self.span], values[self.rows, :, : self.span]
 
     def advance(self, n):
