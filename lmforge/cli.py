@@ -32,6 +32,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
                "direct preference optimization (or IPO) on chosen/rejected pairs"),
     ("ppo",): ("lmforge.train.ppo:PPOConfig", "lmforge.train.ppo:ppo",
                "PPO against a reward model with a KL leash to the SFT model (InstructGPT step 3)"),
+    ("rejection-sampling",): ("lmforge.train.rejection:RejectionConfig", "lmforge.train.rejection:rejection_sampling",
+                              "best-of-n by a reward model, then SFT on the winners, for several rounds"),
     ("eval", "perplexity"): ("lmforge.evaluate.perplexity:PerplexityConfig", "lmforge.evaluate.perplexity:run",
                              "perplexity and bits per byte of a checkpoint on a text file"),
     ("eval", "tasks"): ("lmforge.evaluate.harness:TasksConfig", "lmforge.evaluate.harness:run",

@@ -38,6 +38,10 @@ class GenerateConfig:
     """Wrap a text prompt as a user message in the model's chat template."""
     batch_size: int = 16
     device: str = "auto"
+    best_of: int = 0
+    """Best-of-N: sample N responses per prompt and keep the one --reward-model scores highest (0: off)."""
+    reward_model: str = ""
+    """A reward model checkpoint (`lmforge reward train`) with this model's tokenizer, for --best-of."""
     sampling: Annotated[SamplingParams, tyro.conf.OmitArgPrefixes] = field(default_factory=SamplingParams)
 
 
@@ -79,6 +83,24 @@ def run_generate(cfg: GenerateConfig) -> list[dict]:
     for i, p in enumerate(ids):  # fail before generating anything
         if len(p) >= engine.max_len:
             raise BadConfigError(f"prompt {i + 1} has {len(p)} tokens; the model's context is {engine.max_len}")
+    if cfg.best_of or cfg.reward_model:
+        rows = _best_of(cfg, model, tokenizer, engine, ids)
+    else:
+        rows = _rows(cfg, engine, ids)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if cfg.out:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(cfg.out).with_name(Path(cfg.out).name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(cfg.out)
+    elif cfg.prompt and len(rows) == 1:
+        print(rows[0]["text"])
+    else:
+        sys.stdout.write(text)
+    return rows
+
+
+def _rows(cfg: GenerateConfig, engine, ids) -> list[dict]:
     rows = []
     for out in engine.generate(ids, cfg.sampling):
         row = {"prompt_index": out.prompt_index, "index": out.index, "text": out.text,
@@ -90,16 +112,35 @@ def run_generate(cfg: GenerateConfig) -> list[dict]:
         if out.score is not None:
             row["score"] = out.score
         rows.append(row)
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    if cfg.out:
-        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(cfg.out).with_name(Path(cfg.out).name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(cfg.out)
-    elif cfg.prompt and len(rows) == 1:
-        print(rows[0]["text"])
-    else:
-        sys.stdout.write(text)
+    return rows
+
+
+def _best_of(cfg: GenerateConfig, model, tokenizer, engine, ids) -> list[dict]:
+    """N samples per prompt, scored by the reward model on the very tokens sampled; the best one per prompt."""
+    from dataclasses import replace
+
+    from lmforge.checkpoint import load_checkpoint
+    from lmforge.train.rejection import check_tokenizers
+    from lmforge.train.reward import group_rewards
+
+    if cfg.best_of < 2 or not cfg.reward_model:
+        raise BadConfigError("best-of-N needs --best-of N (at least 2) and --reward-model CHECKPOINT")
+    if cfg.sampling.temperature == 0:
+        raise BadConfigError("best-of-N needs sampling (--temperature above 0): greedy gives N identical answers")
+    reward_model, rm_tokenizer, _ = load_checkpoint(cfg.reward_model, device=next(model.parameters()).device,
+                                                    kind="reward_model")
+    check_tokenizers(tokenizer, rm_tokenizer, cfg.model, cfg.reward_model)
+    outputs = engine.generate(ids, replace(cfg.sampling, n=cfg.best_of))
+    groups = [[o.prompt_ids + o.token_ids for o in outputs[i:i + cfg.best_of]]
+              for i in range(0, len(outputs), cfg.best_of)]
+    rows = []
+    for group_outputs, scores in zip((outputs[i:i + cfg.best_of] for i in range(0, len(outputs), cfg.best_of)),
+                                     group_rewards(reward_model, groups, tokenizer.pad_id)):
+        best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+        o = group_outputs[best]
+        rows.append({"prompt_index": o.prompt_index, "index": best, "text": o.text, "finish_reason": o.finish_reason,
+                     "n_tokens": len(o.token_ids), "reward": scores[best], "rewards": scores,
+                     "candidates": [c.text for c in group_outputs]})
     return rows
 
 
