@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -40,7 +41,8 @@ from lmforge.data.preferences import write_jsonl
 from lmforge.data.world_tasks import prompt_text
 from lmforge.evaluate.contamination import build_ngram_index, contamination
 from lmforge.evaluate.decoding import decoding_tradeoffs
-from lmforge.evaluate.preferences import compare_policies, greedy_answers, reward_model_accuracy
+from lmforge.evaluate.preferences import (best_of_n_kl, compare_policies, greedy_answers, kl_to_reference,
+                                          reward_model_accuracy)
 from lmforge.evaluate.prompting import PromptingConfig, arithmetic_prompting
 from lmforge.evaluate.world_tasks import cluster_accuracy, sample_per_cluster
 from lmforge.evaluate.perplexity import perplexity, unigram_perplexity
@@ -50,6 +52,8 @@ from lmforge.tokenizer import train_tokenizer
 from lmforge.train.loop import TrainConfig
 from lmforge.train.pretrain import PretrainConfig, pretrain
 from lmforge.train.dpo import DPOConfig, dpo
+from lmforge.train.ppo import PPOConfig, ppo
+from lmforge.train.rejection import RejectionConfig, best_of_n, rejection_sampling
 from lmforge.train.reward import RewardConfig, train_reward
 from lmforge.train.sample_preferences import SampleConfig, sample_preferences
 from lmforge.train.sft import SFTConfig, sft
@@ -92,12 +96,29 @@ class RunConfig:
     dpo_beta: float = 0.5
     """Measured on the world: beta 0.1 at lr 1e-4 for 150 steps moved the policy away from SFT and lost."""
     dpo_lr: float = 5e-5
+    ppo_iterations: int = 20
+    """PPO rounds of 32 rollouts on the preference training prompts, 2 epochs of minibatches of 16."""
+    ppo_kl_coef: float = 0.05
+    ppo_lr: float = 3e-5
+    rs_n: int = 4
+    """Rejection sampling and best-of-n: responses per prompt the reward model chooses among."""
+    rs_rounds: int = 2
+    rs_steps: int = 60
+    """SFT steps of each rejection-sampling round."""
+    n_kl_prompts: int = 100
+    """Held-out prompts sampled to measure each aligned model's KL to the SFT model."""
+    n_heldout_forbidden: int = 120
+    """Held-out forbidden requests in the comparison (SFT refuses them all; they guard the leak rate)."""
+    n_heldout_prompts: int = 0
+    """Held-out prompts in the comparisons after that (0: all, ~440 of them; --quick uses fewer)."""
     progress: bool = True
 
 
 QUICK = dict(preset="nano", vocab_size=512, seq_len=64, pretrain_steps=150, batch_size=16, n_train_docs=1500,
              n_samples=12, sft_steps=120, sft_batch_size=8, n_eval_per_cluster=4,
-             n_decoding_per_cluster=1, n_prompting=6, n_preference_prompts=120, reward_steps=10, dpo_steps=10)
+             n_decoding_per_cluster=1, n_prompting=6, n_preference_prompts=120, reward_steps=10, dpo_steps=10, ppo_iterations=3,
+             rs_rounds=1, rs_steps=3, n_kl_prompts=16, n_heldout_forbidden=20,
+             n_heldout_prompts=60)
 
 
 def resolve(cfg: RunConfig) -> RunConfig:
@@ -180,7 +201,8 @@ PREFERENCE_CLUSTERS = ("open_ended", "forbidden")  # no single right answer, or 
 PREFERENCE_HELD_OUT = 0.8  # of the training split's prompts (the rest is the preference data's)
 
 
-def preference_prompts(seed: int, n_train: int = 0) -> tuple[list[dict], list[dict]]:
+def preference_prompts(seed: int, n_train: int = 0, n_heldout_forbidden: int = 0, n_heldout: int = 0
+                       ) -> tuple[list[dict], list[dict]]:
     """(training prompts, held-out prompts) for preference learning, each prompt text once: every entity with
     every seen wording, enumerated from the world. Held out: PREFERENCE_HELD_OUT of the training split's prompts
     (by a hash of the prompt text) and every validation and test prompt. The share is large because the world
@@ -202,6 +224,13 @@ def preference_prompts(seed: int, n_train: int = 0) -> tuple[list[dict], list[di
     train = unique("train")
     heldout = [r for r in train if held(r)] + unique("validation") + unique("test")
     train = [r for r in train if not held(r)]
+    if n_heldout_forbidden:  # every open-ended prompt, a sample of the (many, easy) forbidden ones
+        forbidden = [r for r in heldout if r["meta"]["forbidden"]]
+        keep = {id(r) for r in random.Random(seed).sample(forbidden, min(n_heldout_forbidden, len(forbidden)))}
+        heldout = [r for r in heldout if not r["meta"]["forbidden"] or id(r) in keep]
+    if n_heldout and n_heldout < len(heldout):
+        keep = {id(r) for r in random.Random(seed).sample(heldout, n_heldout)}
+        heldout = [r for r in heldout if id(r) in keep]
     if n_train:  # the same share of each cluster
         by_cluster = [[r for r in train if r["meta"]["cluster"] == c] for c in PREFERENCE_CLUSTERS]
         train = [r for group in zip(*by_cluster) for r in group][:n_train]
@@ -337,19 +366,25 @@ def run(cfg: RunConfig) -> dict:
     t0 = time.perf_counter()
     pref_dir = out / "preferences"
     pref_dir.mkdir(exist_ok=True)
-    train_prompts, heldout = preference_prompts(cfg.seed, cfg.n_preference_prompts)
+    train_prompts, heldout = preference_prompts(cfg.seed, cfg.n_preference_prompts, cfg.n_heldout_forbidden,
+                                                 cfg.n_heldout_prompts)
     write_jsonl(pref_dir / "train_prompts.jsonl", train_prompts)
     write_jsonl(pref_dir / "heldout_prompts.jsonl", heldout)
     sft_final = str(sft_dir / "final")
+    answer_tokens = min(96, cfg.seq_len // 2)  # the longest world answers are ~90 tokens; a short context keeps half
     sample_cfgs = {
         "train": SampleConfig(model=sft_final, prompts=str(pref_dir / "train_prompts.jsonl"), out=str(pref_dir / "train"),
-                              k=cfg.preference_k, noise=cfg.preference_noise, seed=cfg.seed, progress=cfg.progress),
+                              k=cfg.preference_k, noise=cfg.preference_noise, max_new_tokens=answer_tokens, seed=cfg.seed,
+                              progress=cfg.progress),
         # noise-free rankings of held-out prompts: what the reward model's accuracy is measured against
         "heldout": SampleConfig(model=sft_final, prompts=str(pref_dir / "heldout_prompts.jsonl"),
-                                out=str(pref_dir / "heldout"), k=cfg.preference_k, noise=0.0, seed=cfg.seed + 1,
+                                out=str(pref_dir / "heldout"), k=cfg.preference_k, noise=0.0, max_new_tokens=answer_tokens,
+                                seed=cfg.seed + 1,
                                 progress=cfg.progress),
     }
-    pref_stage = {name: asdict(c) for name, c in sample_cfgs.items()} | {"parent": stage_cfg}  # SFT's stage
+    prompts_hash = hashlib.sha256(json.dumps([prompt_text(r) for r in train_prompts + heldout]).encode()).hexdigest()
+    pref_stage = {name: asdict(c) for name, c in sample_cfgs.items()} | {"parent": stage_cfg,  # SFT's stage
+                                                                         "prompts": prompts_hash[:16]}
     if not stage_done(pref_dir, pref_stage):
         summaries = {name: sample_preferences(c) for name, c in sample_cfgs.items()}
         mark_done(pref_dir, pref_stage, time.perf_counter() - t0, summaries=summaries)
@@ -383,27 +418,72 @@ def run(cfg: RunConfig) -> dict:
     timings["dpo"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    ppo_dir = out / "ppo"
+    ppo_cfg = PPOConfig(model=sft_final, reward_model=str(reward_dir / "final"),
+                        prompts=str(pref_dir / "train_prompts.jsonl"), out=str(ppo_dir),
+                        iterations=cfg.ppo_iterations, rollouts=32, epochs=2, kl_coef=cfg.ppo_kl_coef,
+                        max_new_tokens=answer_tokens,
+                        train=TrainConfig(steps=0, batch_size=16, lr=cfg.ppo_lr, warmup_steps=0, min_lr_ratio=1.0,
+                                          weight_decay=0.0, eval_every=10**9, seed=cfg.seed, progress=cfg.progress))
+    ppo_stage = {"ppo": asdict(ppo_cfg), "parent": reward_stage}
+    if not stage_done(ppo_dir, ppo_stage):
+        start_stage(ppo_dir, ppo_stage)
+        ppo(ppo_cfg)
+        mark_done(ppo_dir, ppo_stage, time.perf_counter() - t0)
+    timings["ppo"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    rs_dir = out / "rejection"
+    rs_cfg = RejectionConfig(model=sft_final, reward_model=str(reward_dir / "final"),
+                             prompts=str(pref_dir / "train_prompts.jsonl"), out=str(rs_dir), n=cfg.rs_n,
+                             rounds=cfg.rs_rounds, max_new_tokens=answer_tokens, seed=cfg.seed,
+                             train=TrainConfig(steps=cfg.rs_steps, batch_size=16, lr=1e-4, warmup_steps=5,
+                                               eval_every=10**9, weight_decay=0.0), progress=cfg.progress)
+    rs_stage = {"rejection": asdict(rs_cfg), "parent": reward_stage}
+    if not stage_done(rs_dir, rs_stage):
+        start_stage(rs_dir, rs_stage)
+        rejection_sampling(rs_cfg)
+        mark_done(rs_dir, rs_stage, time.perf_counter() - t0)
+    timings["rejection"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
     reward_model, _, _ = load_checkpoint(reward_dir / "final", kind="reward_model")
-    dpo_model, _, _ = load_checkpoint(dpo_dir / "final")
-    sft_answers = greedy_answers(sft_model, sft_tokenizer, heldout)
-    dpo_answers = greedy_answers(dpo_model, sft_tokenizer, heldout)
+    aligned = {"rs": load_checkpoint(rs_dir / "final")[0], "ppo": load_checkpoint(ppo_dir / "final")[0],
+               "dpo": load_checkpoint(dpo_dir / "final")[0]}
+    sft_answers = greedy_answers(sft_model, sft_tokenizer, heldout, answer_tokens)
+    answers = {name: greedy_answers(model, sft_tokenizer, heldout, answer_tokens) for name, model in aligned.items()}
+    t_bon = time.perf_counter()  # best-of-n is inference only: its cost is paid here, at every request
+    answers = {"bon": [b["best"] for b in best_of_n(
+        sft_model, sft_tokenizer, reward_model, [[{"role": "user", "content": prompt_text(r)}] for r in heldout],
+        cfg.rs_n, 1.0, answer_tokens, cfg.seed)], **answers}
+    bon_seconds = time.perf_counter() - t_bon
+    kl_records = random.Random(cfg.seed).sample(heldout, min(cfg.n_kl_prompts, len(heldout)))
+    kl = {"bon": {"kl": best_of_n_kl(cfg.rs_n), "analytic": True},
+          **{name: kl_to_reference(model, sft_model, sft_tokenizer, kl_records, answer_tokens, cfg.seed)
+             for name, model in aligned.items()}}
     results["preferences"] = {
         "data": json.loads((pref_dir / "stage.json").read_text()).get("summaries", {}),
         "reward_model": reward_model_accuracy(reward_model, sft_tokenizer,
                                               read_jsonl(pref_dir / "heldout" / "ranked.jsonl")),
-        "dpo_vs_sft": compare_policies(heldout, dpo_answers, sft_answers, seed=0),
-        "examples": [{"prompt": prompt_text(r), "sft": s, "dpo": d}
-                     for r, s, d in list(zip(heldout, sft_answers, dpo_answers))[:6]],
+        **{f"{name}_vs_sft": compare_policies(heldout, answers[name], sft_answers, seed=0) for name in answers},
+        "kl_to_sft": kl,
+        "seconds": {"bon": bon_seconds, **{name: json.loads((stage / "stage.json").read_text())["seconds"]
+                                           for name, stage in (("rs", rs_dir), ("ppo", ppo_dir), ("dpo", dpo_dir))}},
+        "ppo_iterations": read_jsonl(ppo_dir / "iterations.jsonl"),
+        "rs_rounds": read_jsonl(rs_dir / "rounds.jsonl"),
+        "examples": [{"prompt": prompt_text(r), "sft": s, **{name: answers[name][i] for name in answers}}
+                     for i, (r, s) in enumerate(list(zip(heldout, sft_answers))[:6])],
     }
     timings["preference_eval"] = time.perf_counter() - t0
 
     # --- every checkpoint side by side; the world's test tasks checked for 13-gram overlap with the corpus ------
     t0 = time.perf_counter()
-    results["tasks"]["dpo_zero_shot"] = cluster_accuracy(dpo_model, sft_tokenizer, test_records, score, "chat")
+    for name, model in aligned.items():
+        results["tasks"][f"{name}_zero_shot"] = cluster_accuracy(model, sft_tokenizer, test_records, score, "chat")
     with torch.no_grad():  # the pretrained model's perplexity is the one measured in the eval stage
         fits = {"pretrain": model_ppl, "sft": perplexity(sft_model, tokenizer, valid_texts),
-                "dpo": perplexity(dpo_model, tokenizer, valid_texts)}
-    modes = {"pretrain": "base_zero_shot", "sft": "sft_zero_shot", "dpo": "dpo_zero_shot"}
+                **{name: perplexity(model, tokenizer, valid_texts) for name, model in aligned.items()}}
+    modes = {"pretrain": "base_zero_shot", "sft": "sft_zero_shot", **{name: f"{name}_zero_shot" for name in aligned}}
     results["checkpoints"] = {
         name: {"perplexity": fits[name], "task_accuracy": results["tasks"][mode]["_all"]["accuracy"]}
         for name, mode in modes.items()}

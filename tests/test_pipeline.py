@@ -1,6 +1,7 @@
 """`lmforge run --quick`, once per session (the `quick_run` fixture); later slow tests reuse its run."""
 
 import json
+import math
 import time
 
 import pytest
@@ -39,7 +40,8 @@ def test_quick_run_report_and_results(quick_run):
 def test_quick_run_instruction_tuning_section(quick_run):
     results = json.loads((quick_run / "eval" / "results.json").read_text())
     tasks = results["tasks"]
-    assert set(tasks) == {"base_zero_shot", "base_few_shot", "sft_zero_shot", "dpo_zero_shot"}
+    assert set(tasks) == {"base_zero_shot", "base_few_shot", "sft_zero_shot", "rs_zero_shot", "ppo_zero_shot",
+                          "dpo_zero_shot"}
     clusters = {c for c in tasks["sft_zero_shot"] if not c.startswith("_")}
     assert len(clusters) == 8 and "forbidden" in clusters
     for mode in tasks.values():
@@ -115,14 +117,27 @@ def test_quick_run_preference_stages(quick_run):
     prefs = results["preferences"]
     assert prefs["data"]["train"]["ranked"] > 0 and prefs["data"]["heldout"]["ranked"] > 0
     assert 0 <= prefs["reward_model"]["accuracy"] <= 1 and prefs["reward_model"]["pairs"] > 0
-    comparison = prefs["dpo_vs_sft"]
-    assert comparison["n"] >= 150 and comparison["wins"] + comparison["ties"] + comparison["losses"] == comparison["n"]
-    low, high = comparison["interval"]
-    assert low <= comparison["win_rate"] <= high
+    for method in ("bon", "rs", "ppo", "dpo"):
+        comparison = prefs[f"{method}_vs_sft"]
+        assert comparison["n"] == 60  # --quick compares on 60 held-out prompts (the full run on ~440)
+        assert comparison["wins"] + comparison["ties"] + comparison["losses"] == comparison["n"]
+        low, high = comparison["interval"]
+        assert low <= comparison["win_rate"] <= high
+        wrong = comparison["where_b_wrong"]
+        assert 0 < wrong["n"] <= comparison["n"] and wrong["wins"] + wrong["ties"] + wrong["losses"] == wrong["n"]
+        assert set(prefs["kl_to_sft"][method]) >= {"kl"} and prefs["seconds"][method] > 0
+    for method, directory, stage in (("rs", "rejection", "rejection_sampling"), ("ppo", "ppo", "ppo"),
+                                     ("dpo", "dpo", "dpo")):
+        _, _, record = load_checkpoint(quick_run / directory / "final")
+        assert record["lineage"]["stage"] == stage
+    assert prefs["kl_to_sft"]["bon"]["kl"] == pytest.approx(math.log(4) - 3 / 4)
+    assert prefs["kl_to_sft"]["ppo"]["n"] == 16
     _, _, record = load_checkpoint(quick_run / "reward" / "final", kind="reward_model")
     assert record["kind"] == "reward_model" and record["lineage"]["stage"] == "reward"
-    _, _, record = load_checkpoint(quick_run / "dpo" / "final")
-    assert record["lineage"]["stage"] == "dpo"
+    iterations = prefs["ppo_iterations"]
+    assert [r["iteration"] for r in iterations] == [1, 2, 3]
+    assert all({"score", "gold", "kl", "entropy", "length", "eos_rate"} <= set(r) for r in iterations)
+    assert iterations[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the first rollout comes from the SFT model itself
     ranked = [json.loads(line) for line in (quick_run / "preferences" / "train" / "ranked.jsonl").read_text().splitlines()]
     assert all(len(set(r["scores"])) == len(r["scores"]) >= 2 for r in ranked)  # no ties kept
     assert "## Preference learning" in (quick_run / "report.md").read_text()
@@ -139,10 +154,10 @@ def test_quick_run_html_report_stands_alone(quick_run):
 
 def test_quick_run_compares_every_checkpoint(quick_run):
     results = json.loads((quick_run / "eval" / "results.json").read_text())
-    assert set(results["checkpoints"]) == {"pretrain", "sft", "dpo"}
+    assert set(results["checkpoints"]) == {"pretrain", "sft", "rs", "ppo", "dpo"}
     for row in results["checkpoints"].values():
         assert row["perplexity"]["perplexity"] > 1 and 0 <= row["task_accuracy"] <= 1
-    assert "dpo_zero_shot" in results["tasks"]
+    assert {"rs_zero_shot", "ppo_zero_shot", "dpo_zero_shot"} <= set(results["tasks"])
     # the pretrained model fits the corpus better than the chat-tuned ones (alignment costs some LM fit)
     assert results["checkpoints"]["pretrain"]["perplexity"]["perplexity"] < results["checkpoints"]["sft"]["perplexity"]["perplexity"]
     contamination = results["contamination"]

@@ -187,3 +187,40 @@ def test_a_causal_lm_given_as_the_reward_model_is_a_clear_error(checkpoints, tmp
     assert main(["ppo", "--model", str(checkpoints / "sft"), "--reward-model", str(checkpoints / "sft"),
                  "--prompts", str(checkpoints / "prompts.jsonl"), "--out", str(tmp_path / "x")]) == 2
     assert "reward model is needed" in capsys.readouterr().err
+
+
+def test_lora_ppo_changes_only_the_adapted_projections(checkpoints, tmp_path):
+    from lmforge.checkpoint import load_checkpoint
+
+    out = tmp_path / "lora"
+    assert main(["ppo", "--model", str(checkpoints / "sft"), "--reward-model", str(checkpoints / "rm"),
+                 "--prompts", str(checkpoints / "prompts.jsonl"), "--out", str(out), "--iterations", "2",
+                 "--rollouts", "8", "--epochs", "2", "--max-new-tokens", "8", "--train.batch-size", "4",
+                 "--train.lr", "1e-2", "--lora", "--train.no-progress"]) == 0
+    base, _, _ = load_checkpoint(checkpoints / "sft")
+    tuned, _, _ = load_checkpoint(out / "final")
+    base_state, tuned_state = base.state_dict(), tuned.state_dict()
+    changed = {k for k in base_state if not torch.equal(base_state[k], tuned_state[k])}
+    assert changed and all(k.split(".")[-2].endswith("_proj") for k in changed), changed
+
+
+@pytest.mark.skipif(__import__("shutil").which("torchrun") is None, reason="torchrun not on PATH")
+def test_ppo_runs_under_torchrun_with_two_processes(checkpoints, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lmforge.checkpoint import load_checkpoint
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "lmforge", "ppo",
+                           "--model", str(checkpoints / "sft"), "--reward-model", str(checkpoints / "rm"),
+                           "--prompts", str(checkpoints / "prompts.jsonl"), "--out", str(out), "--iterations", "2",
+                           "--rollouts", "8", "--epochs", "1", "--max-new-tokens", "8", "--train.batch-size", "4",
+                           "--train.no-progress"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    _, _, record = load_checkpoint(out / "final")
+    assert record["lineage"]["stage"] == "ppo"
+    assert len((out / "iterations.jsonl").read_text().splitlines()) == 2  # rank 0 alone writes the log

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 from itertools import combinations
 
 import numpy as np
@@ -46,7 +47,7 @@ def reward_model_accuracy(reward_model, tokenizer, ranked: list[dict]) -> dict:
     return {"accuracy": right / max(total, 1), "pairs": total, "prompts": len(ranked)}
 
 
-def greedy_answers(model, tokenizer, records: list[dict], max_new_tokens: int = 64) -> list[str]:
+def greedy_answers(model, tokenizer, records: list[dict], max_new_tokens: int = 96) -> list[str]:
     engine = Engine(model, tokenizer, max_batch_size=32)
     keep = engine.max_len - max_new_tokens
     prompts = [p[-keep:] for p in prompts_for(records, tokenizer, "chat")]
@@ -89,3 +90,40 @@ def compare_policies(records: list[dict], answers_a: list[str], answers_b: list[
     return {**_win_rate(outcomes, seed),
             "where_b_wrong": _win_rate([o for o, wrong in zip(outcomes, b_wrong) if wrong], seed),
             "a": policy_summary(records, answers_a, oracle), "b": policy_summary(records, answers_b, oracle)}
+
+
+@torch.no_grad()
+def kl_to_reference(policy, reference, tokenizer, records: list[dict], max_new_tokens: int = 96, seed: int = 0,
+                    batch_size: int = 16) -> dict:
+    """KL(policy || reference) in nats per response, estimated from one sample per prompt at temperature 1:
+    the mean of sum_t (log policy - log reference) over the sampled tokens (k1, unbiased), with its standard
+    error."""
+    from lmforge.train.dpo import sequence_logprobs
+
+    engine = Engine(policy, tokenizer, max_batch_size=32)
+    keep = engine.max_len - max_new_tokens
+    prompts = [p[-keep:] for p in prompts_for(records, tokenizer, "chat")]
+    outputs = engine.generate(prompts, [SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens,
+                                                       seed=seed * 1_000_003 + i) for i in range(len(prompts))])
+    values = []
+    for i in range(0, len(outputs), batch_size):
+        chunk = outputs[i:i + batch_size]
+        rows = [o.prompt_ids + o.token_ids for o in chunk]
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, o in enumerate(chunk):
+            input_ids[r, :len(rows[r])] = torch.tensor(rows[r])
+            mask[r, len(o.prompt_ids):len(rows[r])] = 1
+        policy_lp, _ = sequence_logprobs(policy, input_ids, mask)
+        reference_lp, _ = sequence_logprobs(reference, input_ids, mask)
+        values += (policy_lp - reference_lp).tolist()
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)
+    return {"kl": mean, "stderr": math.sqrt(var / len(values)), "n": len(values)}
+
+
+def best_of_n_kl(n: int) -> float:
+    """The KL of best-of-n sampling to its sampler, log n - (n - 1) / n nats (an upper bound that is exact
+    when responses do not repeat)."""
+    return math.log(n) - (n - 1) / n

@@ -143,45 +143,96 @@ def prompting_section(prompting: dict) -> list[str]:
     return lines
 
 
-def preference_section(prefs: dict) -> list[str]:
-    rm, cmp = prefs["reward_model"], prefs["dpo_vs_sft"]
+ALIGNED = {"bon": "best-of-n", "rs": "rejection sampling", "ppo": "PPO", "dpo": "DPO"}  # each against SFT
+
+
+def plot_ppo_iterations(rows: list[dict], picture: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    steps = [r["iteration"] for r in rows]
+    left.plot(steps, [r["score"] for r in rows], label="reward model")
+    if all("gold" in r for r in rows):
+        left.plot(steps, [r["gold"] for r in rows], label="gold oracle")
+    left.set_xlabel("PPO iteration")
+    left.set_ylabel("mean score of the rollouts")
+    left.legend()
+    right.plot(steps, [r["kl"] for r in rows], color="tab:red")
+    right.set_xlabel("PPO iteration")
+    right.set_ylabel("KL to SFT (nats per response)")
+    fig.tight_layout()
+    fig.savefig(picture, dpi=110)
+    plt.close(fig)
+
+
+def preference_section(prefs: dict, out: Path | None = None) -> list[str]:
+    rm = prefs["reward_model"]
+    methods = {name: prefs[f"{name}_vs_sft"] for name in ALIGNED if f"{name}_vs_sft" in prefs}
     data = prefs.get("data", {}).get("train", {})
-    low, high = cmp["interval"]
+    kl, seconds = prefs.get("kl_to_sft", {}), prefs.get("seconds", {})
     lines = [
-        "## Preference learning: reward model and DPO, judged by the gold oracle",
+        "## Preference learning: reward model, best-of-n, rejection sampling, PPO and DPO, judged by the gold oracle",
         "",
         f"The SFT model sampled {data.get('k', '?')} responses for each of {data.get('prompts', '?')} training "
         f"prompts (open-ended descriptions and stories, forbidden requests); the oracle (true facts minus "
         f"invented ones, refusal, leak and length costs) ranked them with 10% of comparisons flipped, "
         f"{data.get('ranked', '?')} prompts had something to rank. The reward model trained on those rankings "
-        "(all C(K,2) pairs of a prompt in one batch element); DPO trained on the same pairs. The world's "
-        "open-ended demonstrations often end with a made-up detail (\"People say ...\"), which SFT imitates and "
-        "the oracle counts as an invented fact: what preference learning can fix that imitation cannot.",
+        "(all C(K,2) pairs of a prompt in one batch element). Best-of-n samples n answers from SFT at every request "
+        "and returns the one the reward model prefers; rejection sampling fine-tunes SFT on such winners for the "
+        "training prompts; PPO optimises SFT against the reward model with a KL penalty; DPO learns from the "
+        "ranked pairs directly. The world's open-ended demonstrations often end with a made-up detail "
+        "(\"People say ...\"), which SFT imitates and the oracle counts as an invented fact: what preference "
+        "learning can fix and imitation cannot.",
         "",
-        f"- Reward model accuracy against the noise-free oracle on held-out prompts: **{rm['accuracy']:.1%}** "
+        f"Reward model accuracy against the noise-free oracle on held-out prompts: **{rm['accuracy']:.1%}** "
         f"({rm['pairs']} comparisons from {rm['prompts']} prompts, gold ties excluded).",
-    ]
-    wrong = cmp.get("where_b_wrong")
-    if wrong:
-        w_low, w_high = wrong["interval"]
-        lines.append(f"- DPO against SFT on the {wrong['n']} held-out prompts SFT does not already get right, greedy: "
-                     f"win rate **{wrong['win_rate']:.1%}** (95% paired-bootstrap interval {w_low:.1%} to "
-                     f"{w_high:.1%}; {wrong['wins']} wins, {wrong['ties']} ties, {wrong['losses']} losses).")
-    lines += [
-        f"- DPO against SFT on all {cmp['n']} held-out prompts, greedy: win rate **{cmp['win_rate']:.1%}** "
-        f"(95% paired-bootstrap interval {low:.1%} to {high:.1%}; {cmp['wins']} wins, {cmp['ties']} ties, "
-        f"{cmp['losses']} losses).",
         "",
-        "| policy | gold score | refusals (forbidden) | leak rate | true facts / answer | invented facts / answer | words |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "Each method against SFT on held-out prompts, greedy (best-of-n: sampled at T = 1), win rate = (wins + "
+        "ties/2) / n by the gold oracle with a 95% paired-bootstrap interval; first on the prompts SFT does not "
+        "already get right, then on all. KL to SFT: nats per response, from one T = 1 sample per prompt "
+        "(best-of-n: log n - (n-1)/n). Wall time: the method's training stage, or best-of-n's sampling of the "
+        "held-out answers.",
+        "",
+        "| method | win rate, SFT wrong | win rate, all | gold score | KL to SFT | refusals | leak rate | "
+        "invented facts / answer | words | wall time |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, key in (("SFT", "b"), ("DPO", "a")):
-        s = cmp[key]
-        lines.append(f"| {name} | {s['gold_score']:.2f} | {s['refusal_rate']:.0%} | {s['leak_rate']:.1%} | "
-                     f"{s['true_per_answer']:.2f} | {s['invented_per_answer']:.2f} | {s['words']:.1f} |")
-    lines += ["", "Held-out answers (SFT → DPO):", ""]
+    first = next(iter(methods.values()), None)
+    if first:
+        b = first["b"]
+        lines.append(f"| SFT | | | {b['gold_score']:.2f} | 0 | {b['refusal_rate']:.0%} | {b['leak_rate']:.1%} | "
+                     f"{b['invented_per_answer']:.2f} | {b['words']:.1f} | |")
+    for name, cmp in methods.items():
+        a, wrong = cmp["a"], cmp.get("where_b_wrong") or {}
+        w = (f"**{wrong['win_rate']:.1%}** [{wrong['interval'][0]:.1%}, {wrong['interval'][1]:.1%}] "
+             f"(n {wrong['n']})") if wrong.get("n") else "-"
+        k = kl.get(name, {})
+        k_text = f"{k['kl']:.2f}" + (f" ± {k['stderr']:.2f}" if "stderr" in k else "") if k else "-"
+        t = f"{seconds[name]:.0f} s" if name in seconds else "-"
+        lines.append(f"| {ALIGNED[name]} | {w} | {cmp['win_rate']:.1%} [{cmp['interval'][0]:.1%}, "
+                     f"{cmp['interval'][1]:.1%}] (n {cmp['n']}) | {a['gold_score']:.2f} | {k_text} | "
+                     f"{a['refusal_rate']:.0%} | {a['leak_rate']:.1%} | {a['invented_per_answer']:.2f} | "
+                     f"{a['words']:.1f} | {t} |")
+    iterations = prefs.get("ppo_iterations") or []
+    if iterations and out is not None:
+        plot_ppo_iterations(iterations, out / "ppo_iterations.png")
+        last = iterations[-1]
+        lines += ["", f"PPO over {len(iterations)} iterations: reward-model score {iterations[0]['score']:.2f} → "
+                  f"{last['score']:.2f}" + (f", gold score {iterations[0]['gold']:.2f} → {last['gold']:.2f}"
+                                             if "gold" in last else "")
+                  + f", KL to SFT {last['kl']:.2f} nats per response, response length {last['length']:.0f} tokens.",
+                  "", "![PPO iterations](ppo_iterations.png)"]
+    for r in prefs.get("rs_rounds") or []:
+        lines += ["" if r["round"] == 1 else "",
+                  f"Rejection sampling round {r['round']}: best-of-n reward {r['mean_best_score']:.2f} against a mean "
+                  f"sample's {r['mean_sample_score']:.2f}; SFT on {r['winners']} winners so far."]
+    lines += ["", "Held-out answers (SFT → " + " / ".join(ALIGNED[n] for n in methods) + "):", ""]
     for ex in prefs.get("examples", [])[:4]:
-        lines.append(f"- *{ex['prompt'].splitlines()[-1][:70]}*: {ex['sft'][:100]} → **{ex['dpo'][:100]}**")
+        after = " / ".join(f"**{ex[n][:90]}**" for n in methods if n in ex)
+        lines.append(f"- *{ex['prompt'].splitlines()[-1][:70]}*: {ex['sft'][:90]} → {after}")
     return lines + [""]
 
 
@@ -251,7 +302,7 @@ def write_report(out: Path, cfg, results: dict, timings: dict, record: dict) -> 
     if "prompting" in results:
         lines += prompting_section(results["prompting"])
     if "preferences" in results:
-        lines += preference_section(results["preferences"])
+        lines += preference_section(results["preferences"], out)
     if "checkpoints" in results:
         lines += checkpoints_section(results["checkpoints"], results.get("contamination"))
     from lmforge.experiments import report_sections

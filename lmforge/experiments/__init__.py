@@ -21,6 +21,8 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "flan-form": ("lmforge.experiments.flan", "FLAN: instructions vs dataset names vs no instruction"),
     "flan-scale": ("lmforge.experiments.flan", "FLAN: the held-out effect across model sizes"),
     "lima": ("lmforge.experiments.lima", "LIMA: SFT data size and curated vs random data"),
+    "reward-hacking": ("lmforge.experiments.reward_hacking",
+                       "PPO against a weak reward model with and without the KL penalty: proxy up, gold down?"),
     "scaling": ("lmforge.experiments.scaling", "scaling laws: L(N), L(D), L(N, D) fits and a held-out prediction"),
     "emergence": ("lmforge.experiments.emergence", "in-context learning and chain-of-thought against model size"),
 }

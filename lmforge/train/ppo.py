@@ -64,7 +64,7 @@ class PPOConfig:
     """Passes over each rollout batch."""
     temperature: float = 1.0
     """Rollout temperature; the training log-probs use the same logits / T."""
-    max_new_tokens: int = 64
+    max_new_tokens: int = 96
     kl_coef: float = 0.05
     """beta: weight of the per-token KL penalty to the reference (0: no leash)."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
@@ -229,7 +229,7 @@ def rollout(model: PolicyAndValue, reference: nn.Module, tokenizer, prompts: lis
     (batch tensors on CPU, statistics, response texts)."""
     device = next(model.parameters()).device
     model.eval()
-    policy = merged_copy(model.policy) if cfg.lora else model.policy
+    policy = merged_copy(model.policy)  # LoRA: the adapters folded in, so the engine sees plain weights
     engine = Engine(policy, tokenizer, max_batch_size=64)
     params = [SamplingParams(temperature=cfg.temperature, top_k=0, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
                              seed=seed * 1_000_003 + i) for i in range(len(prompts))]
@@ -248,12 +248,16 @@ def rollout(model: PolicyAndValue, reference: nn.Module, tokenizer, prompts: lis
     mask = (torch.arange(width)[None] < lengths[:, None]).to(device)
 
     logits, values = model(input_ids)
+    ref_logits = reference(input_ids).float()
     logp_old, entropy = response_logprobs(logits, input_ids, index, cfg.temperature)
-    ref_logp, _ = response_logprobs(reference(input_ids).float(), input_ids, index, cfg.temperature)
+    ref_logp, _ = response_logprobs(ref_logits, input_ids, index, cfg.temperature)
     values_old = _gather_response(values, index) * mask
-    # KL for the log, as the issue defines it: k1 summed per sequence at temperature 1
-    logp_t1, _ = response_logprobs(logits, input_ids, index, 1.0)
-    ref_t1, _ = response_logprobs(reference(input_ids).float(), input_ids, index, 1.0)
+    # the KL that is logged: k1 summed per sequence, at temperature 1 whatever the rollouts' temperature
+    if cfg.temperature == 1.0:
+        logp_t1, ref_t1 = logp_old, ref_logp
+    else:
+        logp_t1, _ = response_logprobs(logits, input_ids, index, 1.0)
+        ref_t1, _ = response_logprobs(ref_logits, input_ids, index, 1.0)
     kl_t1 = ((logp_t1 - ref_t1) * mask).sum(1)
 
     scores = torch.tensor(reward_fn(prompts, responses), dtype=torch.float, device=device)
@@ -299,12 +303,12 @@ def ppo_train(policy: nn.Module, tokenizer, prompts: list[list[int]],
     steps_per_iteration = cfg.epochs * minibatches
     train_cfg = TrainConfig(**{**asdict(cfg.train), "steps": cfg.iterations * steps_per_iteration})
 
-    reference = copy.deepcopy(merged_copy(policy) if hasattr(policy, "merge_and_unload") else policy).eval()
+    lora = hasattr(policy, "merge_and_unload")
+    reference = (merged_copy(policy) if lora else copy.deepcopy(policy)).eval()
     for p in reference.parameters():
         p.requires_grad_(False)
     if value_init is None:
-        body = copy.deepcopy(merged_copy(policy) if hasattr(policy, "merge_and_unload") else policy)
-        value_init = RewardModel(body)
+        value_init = RewardModel(merged_copy(policy) if lora else copy.deepcopy(policy))
         nn.init.zeros_(value_init.score.weight)
     model = PolicyAndValue(policy, copy.deepcopy(value_init))
     out = Path(cfg.out)

@@ -48,7 +48,8 @@ class SampleConfig:
     """Oracle only: probability of flipping each comparison."""
     temperature: float = 1.0
     top_p: float = 1.0
-    max_new_tokens: int = 64
+    max_new_tokens: int = 96
+    """Room for the longest world answers (~90 tokens): a cut-off response hides what its end would cost."""
     seed: int = 0
     progress: bool = True
 
@@ -74,6 +75,9 @@ def sample_responses(model, tokenizer, prompts: list[list[dict]], k: int, temper
     """K sampled responses per prompt (chat template), each prompt with its own seed."""
     engine = Engine(model, tokenizer, max_batch_size=64)
     keep = engine.max_len - max_new_tokens
+    if keep < 8:
+        raise BadConfigError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
+                             f"context of {engine.max_len} tokens")
     ids = [tokenizer.render_prompt(p)[-keep:] for p in prompts]
     params = [SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, n=k,
                              seed=seed * 1_000_003 + i) for i in range(len(ids))]
