@@ -120,7 +120,8 @@ def test_a_toy_reward_rises_and_the_kl_leash_holds_the_policy_near_the_reference
     assert last > first + 0.2, [r["score"] for r in free]
     assert leashed[-1]["kl"] < 0.5 * free[-1]["kl"], ([r["kl"] for r in leashed], [r["kl"] for r in free])
     rows = [json.loads(line) for line in (tmp_path / "kl0.0" / "iterations.jsonl").read_text().splitlines()]
-    assert len(rows) == 12 and {"score", "kl", "entropy", "length", "eos_rate", "beta"} <= set(rows[0])
+    assert len(rows) == 12 and {"score", "kl", "entropy", "length", "eos_rate", "beta", "clipfrac", "value_loss",
+                                "policy_loss", "approxkl"} <= set(rows[0])
 
 
 def test_one_update_changes_the_policy_and_the_value_head_and_starts_at_ratio_one(toy, tokenizer, tmp_path):

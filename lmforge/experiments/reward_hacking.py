@@ -210,7 +210,11 @@ def section(results: dict, run_dir: Path) -> list[str]:
     free = next(iter(results["runs"].values()))
     lines += [
         "",
-        ("**Reproduced:** with no KL penalty the proxy score rose while the gold score fell (reward hacking)."
+        (f"**Reproduced:** with no KL penalty the proxy score rose ({free['before']['proxy']:.2f} → "
+         f"{free['after']['proxy']:.2f}) while the gold score fell ({free['before']['gold']:.2f} → "
+         f"{free['after']['gold']:.2f}): reward hacking"
+         + (", though the fall is smaller than its standard error, so it is a direction, not a measured loss."
+            if free["before"]["gold"] - free["after"]["gold"] < free["before"]["gold_se"] else ".")
          if findings["hacked"] else
          f"**Not reproduced at this budget:** with no KL penalty the proxy went {free['before']['proxy']:.2f} → "
          f"{free['after']['proxy']:.2f} and the gold score {free['before']['gold']:.2f} → {free['after']['gold']:.2f}; "

@@ -21,7 +21,8 @@ value model (trained) started from the reward model, as in the N+ implementation
 Rollouts happen inside the loop's batch function at each iteration's first step, so the updates go through
 `train_loop.train` like every method (and under `torchrun` each rank rolls out its own share of prompts).
 Logged per iteration in `iterations.jsonl`: reward-model score, gold score (world prompts), KL (k1 summed per
-sequence, at temperature 1), entropy, clip fraction, value loss, response length, EOS rate, beta.
+sequence, at temperature 1), entropy, response length, EOS rate, beta, and the mean policy loss, value loss,
+clip fractions, approximate KL and ratio of the iteration's updates.
 A PPO run does not resume: its rollout buffer is not checkpointed, only the final policy is saved.
 """
 
@@ -354,6 +355,17 @@ def ppo_train(policy: nn.Module, tokenizer, prompts: list[list[int]],
     loss_fn = partial(ppo_loss, clip=cfg.clip, value_clip=cfg.value_clip, value_coef=cfg.value_coef,
                       temperature=cfg.temperature)
     train(model, get_micro_batches, loss_fn, train_cfg, out, save=save, resume=False)
+    if rank == 0:  # each iteration's row gains the mean of its updates' losses and clip fractions
+        updates: dict[int, list[dict]] = {}
+        for line in (out / "metrics.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            updates.setdefault((row["step"] - 1) // steps_per_iteration, []).append(row)
+        for i, stats in enumerate(history):
+            rows = updates.get(i, [])
+            for key in ("policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approxkl", "ratio"):
+                if rows:
+                    stats[key] = sum(r[key] for r in rows) / len(rows)
+        history_path.write_text("".join(json.dumps(stats) + "\n" for stats in history))
     return history
 
 
