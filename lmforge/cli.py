@@ -100,10 +100,11 @@ def _load(ref: str):
     return getattr(importlib.import_module(module), name)
 
 
-def _usage() -> str:
-    lines = ["usage: lmforge COMMAND [--help] [FLAGS]", "", "commands:"]
+def _usage(prefix: tuple[str, ...] = ()) -> str:
+    lines = [f"usage: lmforge {' '.join(prefix) + ' ' if prefix else ''}COMMAND [--help] [FLAGS]", "", "commands:"]
     for words, (_, _, help_text) in COMMANDS.items():
-        lines.append(f"  {' '.join(words):26s} {help_text}")
+        if words[:len(prefix)] == prefix:
+            lines.append(f"  {' '.join(words):26s} {help_text}")
     return "\n".join(lines)
 
 
@@ -115,8 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     match = max((words for words in COMMANDS if tuple(argv[: len(words)]) == words), key=len, default=None)
     if match is None:
-        print(_usage(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+        # a group word alone (`lmforge experiment`, `lmforge eval --help`) lists that group's commands
+        group = (argv[0],) if argv and any(len(w) > 1 and w[0] == argv[0] for w in COMMANDS) else ()
+        asked = len(argv) == len(group) or argv[len(group)] in ("-h", "--help")
+        print(_usage(group), file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
     config_ref, function_ref, help_text = COMMANDS[match]
     prog = "lmforge " + " ".join(match)
     try:

@@ -88,3 +88,11 @@ def test_damaged_checkpoint_and_mismatched_tokenizer(trained_checkpoint, tmp_pat
     shutil.copytree(trained_checkpoint, swapped)
     train_tokenizer(["zebras and 42 giraffes"] * 30, vocab_size=300).hf.save(str(swapped / "tokenizer.json"))
     assert_one_line_error(lmforge("eval", "perplexity", "--model", swapped, "--data", text), "tokenizer.json")
+
+
+def test_a_group_word_lists_its_commands(capsys):
+    assert main(["experiment", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "experiment scaling" in out and "experiment reward-hacking" in out and "pretrain" not in out
+    assert main(["eval"]) == 0 and "eval tasks" in capsys.readouterr().out
+    assert main(["experiment", "bogus"]) == 2 and "experiment lima" in capsys.readouterr().err
