@@ -131,13 +131,12 @@ def run(cfg: Config) -> dict:
     eval_records = random.Random(cfg.seed).sample(heldout, min(cfg.eval_prompts, len(heldout)))
     from lmforge.data.oracle import gold_score
     from lmforge.data.world_tasks import prompt_text
-    from lmforge.train.reward import group_rewards
+    from lmforge.train.reward import sequence_rewards
 
     prompts = [tokenizer.render_prompt([{"role": "user", "content": prompt_text(r)}]) for r in train_records]
 
     def proxy_reward(prompt_ids, response_ids) -> list[float]:
-        return [g[0] for g in group_rewards(reward_model, [[p + r] for p, r in zip(prompt_ids, response_ids)],
-                                            tokenizer.pad_id)]
+        return sequence_rewards(reward_model, [p + r for p, r in zip(prompt_ids, response_ids)], tokenizer.pad_id)
 
     def gold(indices, texts) -> list[float]:
         return [gold_score(train_records[i], t) for i, t in zip(indices, texts)]

@@ -120,8 +120,7 @@ def _best_of(cfg: GenerateConfig, model, tokenizer, engine, ids) -> list[dict]:
     from dataclasses import replace
 
     from lmforge.checkpoint import load_checkpoint
-    from lmforge.train.rejection import check_tokenizers
-    from lmforge.train.reward import group_rewards
+    from lmforge.train.reward import check_same_tokenizer, group_rewards
 
     if cfg.best_of < 2 or not cfg.reward_model:
         raise BadConfigError("best-of-N needs --best-of N (at least 2) and --reward-model CHECKPOINT")
@@ -129,13 +128,12 @@ def _best_of(cfg: GenerateConfig, model, tokenizer, engine, ids) -> list[dict]:
         raise BadConfigError("best-of-N needs sampling (--temperature above 0): greedy gives N identical answers")
     reward_model, rm_tokenizer, _ = load_checkpoint(cfg.reward_model, device=next(model.parameters()).device,
                                                     kind="reward_model")
-    check_tokenizers(tokenizer, rm_tokenizer, cfg.model, cfg.reward_model)
+    check_same_tokenizer(tokenizer, rm_tokenizer, cfg.model, cfg.reward_model)
     outputs = engine.generate(ids, replace(cfg.sampling, n=cfg.best_of))
-    groups = [[o.prompt_ids + o.token_ids for o in outputs[i:i + cfg.best_of]]
-              for i in range(0, len(outputs), cfg.best_of)]
+    per_prompt = [outputs[i:i + cfg.best_of] for i in range(0, len(outputs), cfg.best_of)]
+    groups = [[o.prompt_ids + o.token_ids for o in group] for group in per_prompt]
     rows = []
-    for group_outputs, scores in zip((outputs[i:i + cfg.best_of] for i in range(0, len(outputs), cfg.best_of)),
-                                     group_rewards(reward_model, groups, tokenizer.pad_id)):
+    for group_outputs, scores in zip(per_prompt, group_rewards(reward_model, groups, tokenizer.pad_id)):
         best = max(range(len(scores)), key=lambda i: (scores[i], -i))
         o = group_outputs[best]
         rows.append({"prompt_index": o.prompt_index, "index": best, "text": o.text, "finish_reason": o.finish_reason,

@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmforge.errors import BadConfigError, MismatchError
+from lmforge.errors import BadConfigError
 from lmforge.infer.engine import Engine
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model import RewardModel
@@ -176,10 +176,6 @@ class PolicyAndValue(nn.Module):
         return self.policy(input_ids).float(), values
 
 
-def _gather_response(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return x.gather(1, index)
-
-
 def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, index: torch.Tensor, temperature: float
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probs, entropies) of the response tokens, (B, L): position index[b, j] of the logits predicts
@@ -200,7 +196,7 @@ def ppo_loss(model, batch, clip: float, value_clip: float, value_coef: float, te
     logits, values = model(batch["input_ids"])
     mask = batch["mask"].float()
     logp, entropy = response_logprobs(logits, batch["input_ids"], batch["index"], temperature)
-    values = _gather_response(values, batch["index"])
+    values = values.gather(1, batch["index"])
     policy_loss, clipfrac = clipped_policy_loss(logp, batch["logp_old"], batch["advantages"], mask, clip)
     value_loss, value_clipfrac = clipped_value_loss(values, batch["values_old"], batch["returns"], mask, value_clip)
     n = mask.sum().clamp(min=1)
@@ -252,7 +248,7 @@ def rollout(model: PolicyAndValue, reference: nn.Module, tokenizer, prompts: lis
     ref_logits = reference(input_ids).float()
     logp_old, entropy = response_logprobs(logits, input_ids, index, cfg.temperature)
     ref_logp, _ = response_logprobs(ref_logits, input_ids, index, cfg.temperature)
-    values_old = _gather_response(values, index) * mask
+    values_old = values.gather(1, index) * mask
     # the KL that is logged: k1 summed per sequence, at temperature 1 whatever the rollouts' temperature
     if cfg.temperature == 1.0:
         logp_t1, ref_t1 = logp_old, ref_logp
@@ -369,23 +365,17 @@ def ppo_train(policy: nn.Module, tokenizer, prompts: list[list[int]],
     return history
 
 
-def _tokenizers_match(a, b) -> bool:
-    return a.fingerprint() == b.fingerprint()
-
-
 def ppo(cfg: PPOConfig) -> Path:
     from lmforge.checkpoint import load_checkpoint
     from lmforge.data.oracle import gold_score
-    from lmforge.train.reward import group_rewards
+    from lmforge.train.reward import check_same_tokenizer, sequence_rewards
     from lmforge.train.sample_preferences import read_prompts
 
     if not cfg.model or not cfg.reward_model or not cfg.prompts:
         raise BadConfigError("ppo needs --model CHECKPOINT, --reward-model CHECKPOINT and --prompts FILE")
     policy, tokenizer, _ = load_checkpoint(cfg.model)
     reward_model, rm_tokenizer, _ = load_checkpoint(cfg.reward_model, kind="reward_model")
-    if not _tokenizers_match(tokenizer, rm_tokenizer):
-        raise MismatchError(f"{cfg.reward_model}: its tokenizer differs from the policy's ({cfg.model}); "
-                            "the reward model must read the policy's tokens: train it from the same SFT model")
+    check_same_tokenizer(tokenizer, rm_tokenizer, cfg.model, cfg.reward_model)
     keep = policy.cfg.max_seq_len - cfg.max_new_tokens
     read = read_prompts(cfg.prompts)
     usable = [(messages, record) for messages, record in read if len(tokenizer.render_prompt(messages)) <= keep]
@@ -399,8 +389,7 @@ def ppo(cfg: PPOConfig) -> Path:
     reward_model.to(pick_device(cfg.train.device)).eval()
 
     def reward_fn(prompt_ids, response_ids) -> list[float]:
-        groups = [[p + r] for p, r in zip(prompt_ids, response_ids)]
-        return [g[0] for g in group_rewards(reward_model, groups, tokenizer.pad_id)]
+        return sequence_rewards(reward_model, [p + r for p, r in zip(prompt_ids, response_ids)], tokenizer.pad_id)
 
     gold_fn = None
     if all("meta" in r for r in records):

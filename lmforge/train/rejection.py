@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.errors import BadConfigError, MismatchError
+from lmforge.errors import BadConfigError
 from lmforge.train.loop import TrainConfig
 
 
@@ -63,14 +63,9 @@ def best_of_n(model, tokenizer, reward_model, prompts: list[list[dict]], n: int,
     return out
 
 
-def check_tokenizers(policy_tokenizer, reward_tokenizer, policy: str, reward_model: str) -> None:
-    if policy_tokenizer.fingerprint() != reward_tokenizer.fingerprint():
-        raise MismatchError(f"{reward_model}: its tokenizer differs from the policy's ({policy}); the reward model "
-                            "must read the policy's tokens: train it from the same SFT model")
-
-
 def rejection_sampling(cfg: RejectionConfig) -> Path:
     from lmforge.checkpoint import load_checkpoint
+    from lmforge.train.reward import check_same_tokenizer
     from lmforge.train.sample_preferences import read_prompts
     from lmforge.train.sft import SFTConfig, sft
 
@@ -80,7 +75,7 @@ def rejection_sampling(cfg: RejectionConfig) -> Path:
         raise BadConfigError(f"--n must be at least 2 and --rounds at least 1 (got n={cfg.n}, rounds={cfg.rounds})")
     reward_model, rm_tokenizer, _ = load_checkpoint(cfg.reward_model, kind="reward_model")
     policy, tokenizer, _ = load_checkpoint(cfg.model)
-    check_tokenizers(tokenizer, rm_tokenizer, cfg.model, cfg.reward_model)
+    check_same_tokenizer(tokenizer, rm_tokenizer, cfg.model, cfg.reward_model)
     prompts = [messages for messages, _ in read_prompts(cfg.prompts)]
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

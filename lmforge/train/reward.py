@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from lmforge.checkpoint import load_checkpoint, save_checkpoint
 from lmforge.data.instructions import read_records
 from lmforge.data.preferences import drop_too_long, format_skips, read_ranked, write_jsonl
-from lmforge.errors import BadConfigError, BadFileError
+from lmforge.errors import BadConfigError, BadFileError, MismatchError
 from lmforge.model import RewardModel
 from lmforge.train.loop import TrainConfig, example_batches, train, world_info
 
@@ -130,6 +130,18 @@ def group_rewards(model, groups: list[list[list[int]]], pad_id: int, batch_size:
             out.append(values[:k])
             values = values[k:]
     return out
+
+
+def sequence_rewards(model, sequences: list[list[int]], pad_id: int) -> list[float]:
+    """One reward per token sequence (prompt + response ids, ending where the response ends)."""
+    return [group[0] for group in group_rewards(model, [[ids] for ids in sequences], pad_id)]
+
+
+def check_same_tokenizer(policy_tokenizer, reward_tokenizer, policy: str, reward_model: str) -> None:
+    """A reward model scores the policy's token ids directly, so both must share one vocabulary."""
+    if policy_tokenizer.fingerprint() != reward_tokenizer.fingerprint():
+        raise MismatchError(f"{reward_model}: its tokenizer differs from the policy's ({policy}); the reward model "
+                            "must read the policy's tokens: train it from the same SFT model")
 
 
 def pair_accuracy(model, groups: list[list[list[int]]], pad_id: int, batch_size: int = 16) -> float:
