@@ -10,6 +10,17 @@ from dataclasses import asdict
 from pathlib import Path
 
 
+def save_figure(fig, picture: Path, **savefig) -> None:
+    """Write a matplotlib figure atomically (a reader never sees half a PNG) and close it."""
+    import matplotlib.pyplot as plt
+
+    picture.parent.mkdir(parents=True, exist_ok=True)
+    tmp = picture.with_suffix(".tmp.png")
+    fig.savefig(tmp, **savefig)
+    plt.close(fig)
+    tmp.replace(picture)
+
+
 def plot_loss_curve(metrics_path: Path, picture: Path) -> bool:
     """Training loss per step and validation loss where measured; False when there is nothing to plot."""
     import matplotlib
@@ -33,10 +44,7 @@ def plot_loss_curve(metrics_path: Path, picture: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = picture.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(picture)
+    save_figure(fig, picture)
     return True
 
 
@@ -61,10 +69,7 @@ def plot_task_accuracy(tasks: dict, picture: Path) -> None:
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    tmp = picture.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(picture)
+    save_figure(fig, picture)
 
 
 def task_section(out: Path, results: dict) -> list[str]:
@@ -164,8 +169,7 @@ def plot_ppo_iterations(rows: list[dict], picture: Path) -> None:
     right.set_xlabel("PPO iteration")
     right.set_ylabel("KL to SFT (nats per response)")
     fig.tight_layout()
-    fig.savefig(picture, dpi=110)
-    plt.close(fig)
+    save_figure(fig, picture, dpi=110)
 
 
 def preference_section(prefs: dict, out: Path | None = None) -> list[str]:

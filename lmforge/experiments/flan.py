@@ -365,13 +365,9 @@ def chance_pair(entry: dict) -> str:
 
 
 def save_figure(fig, picture: Path) -> None:
-    import matplotlib.pyplot as plt
+    from lmforge.evaluate import report
 
-    picture.parent.mkdir(parents=True, exist_ok=True)
-    tmp = picture.with_suffix(".tmp.png")
-    fig.savefig(tmp, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(picture)
+    report.save_figure(fig, picture, bbox_inches="tight")
 
 
 def plot_bars(picture: Path, groups: list[str], series: dict[str, list[dict]], chance: list[float], ylabel: str) -> None:

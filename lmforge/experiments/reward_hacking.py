@@ -183,8 +183,9 @@ def plot(results: dict, picture: Path) -> None:
         ax.set_xlabel("KL to SFT (nats per response)")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(picture, dpi=110)
-    plt.close(fig)
+    from lmforge.evaluate.report import save_figure
+
+    save_figure(fig, picture, dpi=110)
 
 
 def section(results: dict, run_dir: Path) -> list[str]:

@@ -514,11 +514,9 @@ def plot_scaling(results: dict, picture: Path) -> None:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    picture.parent.mkdir(parents=True, exist_ok=True)
-    tmp = picture.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(picture)
+    from lmforge.evaluate.report import save_figure
+
+    save_figure(fig, picture)
 
 
 def _explain_miss(results: dict, which: str) -> str:
