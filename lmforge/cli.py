@@ -45,6 +45,12 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
                     "continue prompts with any decoding strategy (a prompt, or a JSONL file of them)"),
     ("chat",): ("lmforge.infer.generate:ChatConfig", "lmforge.infer.generate:run_chat",
                 "talk to a model in the terminal, replies streamed"),
+    ("judge",): ("lmforge.evaluate.judge:JudgeConfig", "lmforge.evaluate.judge:run_judge",
+                 "LLM-as-judge: pairwise (both orders) or single-score, with position, length and self-preference figures"),
+    ("arena", "rate"): ("lmforge.evaluate.arena:RateConfig", "lmforge.evaluate.arena:run_rate",
+                        "arena battles -> online Elo and Bradley-Terry ratings with bootstrap intervals and ranks"),
+    ("serve",): ("lmforge.serve.api:ServeConfig", "lmforge.serve.api:serve",
+                 "OpenAI-compatible HTTP server (completions, chat, streaming) with continuous batching"),
     ("info",): ("lmforge.cli:InfoConfig", "lmforge.cli:info",
                 "parameters and FLOPs of a preset or a checkpoint"),
 }

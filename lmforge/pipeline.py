@@ -461,6 +461,9 @@ def run(cfg: RunConfig) -> dict:
     kl = {"bon": {"kl": best_of_n_kl(cfg.rs_n), "analytic": True},
           **{name: kl_to_reference(model, sft_model, sft_tokenizer, kl_records, answer_tokens, cfg.seed)
              for name, model in aligned.items()}}
+    write_jsonl(eval_dir / "answers.jsonl",  # every policy's greedy answer per held-out prompt, for the judge
+                [{"prompt": prompt_text(r), "sft": s, **{name: answers[name][i] for name in answers}}
+                 for i, (r, s) in enumerate(zip(heldout, sft_answers))])
     results["preferences"] = {
         "data": json.loads((pref_dir / "stage.json").read_text()).get("summaries", {}),
         "reward_model": reward_model_accuracy(reward_model, sft_tokenizer,
