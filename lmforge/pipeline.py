@@ -39,10 +39,11 @@ from lmforge.data.world import export_world
 from lmforge.data.world_tasks import score
 from lmforge.data.preferences import write_jsonl
 from lmforge.data.world_tasks import prompt_text
+from lmforge.evaluate.arena import leaderboard
 from lmforge.evaluate.contamination import build_ngram_index, contamination
 from lmforge.evaluate.decoding import decoding_tradeoffs
 from lmforge.evaluate.preferences import (best_of_n_kl, compare_policies, greedy_answers, kl_to_reference,
-                                          reward_model_accuracy)
+                                          oracle_battles, reward_model_accuracy)
 from lmforge.evaluate.prompting import PromptingConfig, arithmetic_prompting
 from lmforge.evaluate.world_tasks import cluster_accuracy, sample_per_cluster
 from lmforge.evaluate.perplexity import perplexity, unigram_perplexity
@@ -477,6 +478,12 @@ def run(cfg: RunConfig) -> dict:
         "examples": [{"prompt": prompt_text(r), "sft": s, **{name: answers[name][i] for name in answers}}
                      for i, (r, s) in enumerate(list(zip(heldout, sft_answers))[:6])],
     }
+    # the arena: every checkpoint against every other on the held-out prompts, voted by simulated users
+    battles = oracle_battles(heldout, {"sft": sft_answers, **answers}, ["sft", *answers], per_prompt=4,
+                             noise=cfg.preference_noise, rng=random.Random(cfg.seed))
+    write_jsonl(eval_dir / "arena_battles.jsonl", battles)  # `lmforge arena rate` reads it
+    results["preferences"]["arena"] = {"battles": len(battles), "vote_noise": cfg.preference_noise,
+                                       "leaderboard": leaderboard(battles, rounds=100, seed=cfg.seed)}
     timings["preference_eval"] = time.perf_counter() - t0
 
     # --- every checkpoint side by side; the world's test tasks checked for 13-gram overlap with the corpus ------

@@ -143,6 +143,22 @@ def test_quick_run_preference_stages(quick_run):
     assert "## Preference learning" in (quick_run / "report.md").read_text()
 
 
+def test_quick_run_arena_of_its_checkpoints(quick_run):
+    from lmforge.cli import main as cli_main
+
+    prefs = json.loads((quick_run / "eval" / "results.json").read_text())["preferences"]
+    arena = prefs["arena"]
+    assert arena["battles"] == 60 * 4  # four random pairs on each of the 60 held-out prompts
+    board = arena["leaderboard"]
+    assert {r["model"] for r in board} == {"sft", "bon", "rs", "ppo", "dpo"}
+    assert sum(r["battles"] for r in board) == 2 * arena["battles"]
+    assert all(r["lower"] <= r["rating"] <= r["upper"] for r in board)
+    answers = [json.loads(line) for line in (quick_run / "eval" / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 60 and {"prompt", "sft", "bon", "rs", "ppo", "dpo"} <= set(answers[0])
+    assert cli_main(["arena", "rate", str(quick_run / "eval" / "arena_battles.jsonl"), "--rounds", "10"]) == 0
+    assert "Arena: 240 battles" in (quick_run / "report.md").read_text()
+
+
 def test_quick_run_html_report_stands_alone(quick_run):
     html = (quick_run / "report.html").read_text()
     assert html.startswith("<!doctype html>") and "<table>" in html

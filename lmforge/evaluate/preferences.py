@@ -11,13 +11,14 @@
 from __future__ import annotations
 
 import math
+import random
 from itertools import combinations
 
 import numpy as np
 import torch
 
 from lmforge.data.oracle import OracleConfig, gold_score
-from lmforge.data.world_tasks import score
+from lmforge.data.world_tasks import prompt_text, score
 from lmforge.evaluate.world_tasks import prompts_for
 from lmforge.infer.engine import Engine
 from lmforge.infer.sampling import SamplingParams
@@ -127,3 +128,27 @@ def best_of_n_kl(n: int) -> float:
     """The KL of best-of-n sampling to its sampler, log n - (n - 1) / n nats (an upper bound that is exact
     when responses do not repeat)."""
     return math.log(n) - (n - 1) / n
+
+
+def oracle_battles(records: list[dict], answers: dict[str, list[str]], models: list[str], per_prompt: int,
+                   noise: float, rng: random.Random) -> list[dict]:
+    """Arena battles voted by simulated users: `per_prompt` random pairs of models on each record, random sides;
+    the user follows the gold oracle but votes the other way with probability `noise` on a decided battle; equal
+    gold scores are a tie, or "tie (bothbad)" when the world's scorer finds both answers wrong."""
+    battles = []
+    all_pairs = list(combinations(models, 2))
+    for i, record in enumerate(records):
+        for a, b in rng.sample(all_pairs, min(per_prompt, len(all_pairs))):
+            if rng.random() < 0.5:
+                a, b = b, a
+            text_a, text_b = answers[a][i], answers[b][i]
+            ga, gb = gold_score(record, text_a), gold_score(record, text_b)
+            if ga == gb:
+                both_wrong = not score(record, text_a)["correct"] and not score(record, text_b)["correct"]
+                winner = "tie (bothbad)" if both_wrong else "tie"
+            else:
+                a_wins = (ga > gb) != (rng.random() < noise)
+                winner = "model_a" if a_wins else "model_b"
+            battles.append({"model_a": a, "model_b": b, "winner": winner, "prompt": prompt_text(record),
+                            "index": i, "len_a": len(text_a), "len_b": len(text_b)})
+    return battles

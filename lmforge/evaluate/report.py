@@ -233,6 +233,16 @@ def preference_section(prefs: dict, out: Path | None = None) -> list[str]:
         lines += ["" if r["round"] == 1 else "",
                   f"Rejection sampling round {r['round']}: best-of-n reward {r['mean_best_score']:.2f} against a mean "
                   f"sample's {r['mean_sample_score']:.2f}; SFT on {r['winners']} winners so far."]
+    arena = prefs.get("arena")
+    if arena:
+        from lmforge.evaluate.arena import format_leaderboard
+
+        lines += ["", f"Arena: {arena['battles']} battles between the checkpoints on the held-out prompts (4 random "
+                  f"pairs per prompt, random sides), voted by simulated users who follow the oracle but vote the other "
+                  f"way on {arena['vote_noise']:.0%} of decided battles; both answers wrong is a \"both bad\" tie. "
+                  "Bradley-Terry ratings (mean 1000) with 100-round bootstrap 95% intervals; models whose intervals "
+                  "overlap share a rank (`lmforge arena rate eval/arena_battles.jsonl` recomputes it):", ""]
+        lines += format_leaderboard(arena["leaderboard"]).splitlines()
     lines += ["", "Held-out answers (SFT → " + " / ".join(ALIGNED[n] for n in methods) + "):", ""]
     for ex in prefs.get("examples", [])[:4]:
         after = " / ".join(f"**{ex[n][:90]}**" for n in methods if n in ex)

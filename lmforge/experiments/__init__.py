@@ -23,6 +23,8 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "lima": ("lmforge.experiments.lima", "LIMA: SFT data size and curated vs random data"),
     "reward-hacking": ("lmforge.experiments.reward_hacking",
                        "PPO against a weak reward model with and without the KL penalty: proxy up, gold down?"),
+    "judge-bias": ("lmforge.experiments.judge_bias",
+                   "LLM-as-judge: a trained judge's position, length and self-preference biases, and arena ratings"),
     "scaling": ("lmforge.experiments.scaling", "scaling laws: L(N), L(D), L(N, D) fits and a held-out prediction"),
     "emergence": ("lmforge.experiments.emergence", "in-context learning and chain-of-thought against model size"),
 }
