@@ -51,6 +51,11 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
                         "arena battles -> online Elo and Bradley-Terry ratings with bootstrap intervals and ranks"),
     ("serve",): ("lmforge.serve.api:ServeConfig", "lmforge.serve.api:serve",
                  "OpenAI-compatible HTTP server (completions, chat, streaming) with continuous batching"),
+    ("data", "self-instruct"): ("lmforge.apps.self_instruct:SelfInstructConfig",
+                                "lmforge.apps.self_instruct:run_self_instruct",
+                                "Self-Instruct: seed tasks -> generated instructions and instances, filtered, with a funnel"),
+    ("data", "curate"): ("lmforge.apps.curate:CurateConfig", "lmforge.apps.curate:run_curate",
+                         "AlpaGasus curation: a judge rates each example 0-5; keep those at or above a threshold"),
     ("info",): ("lmforge.cli:InfoConfig", "lmforge.cli:info",
                 "parameters and FLOPs of a preset or a checkpoint"),
 }
