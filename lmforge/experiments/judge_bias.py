@@ -376,7 +376,7 @@ def section(results: dict, run_dir: Path) -> list[str]:
         "model's (pairs with identical answers left out), every pair judged in both orders.",
         "",
         "| judge | side vs SFT | pairs | unparseable | consistency | first slot both orders | first order only | "
-        "both orders | length-controlled | gold | agreement with gold | length coef. judge / gold |",
+        "both orders | length-controlled | gold | same verdict as gold* | length coef. judge / gold |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in ("self", "other"):
@@ -391,7 +391,10 @@ def section(results: dict, run_dir: Path) -> list[str]:
                 f"{_pct(s['length_controlled']['lc_win_rate'])} | {_wr(s['gold'])} | "
                 f"{_pct(block['agreement']['agreement'])} (n={block['agreement']['n']}) | "
                 f"{s['length_controlled']['phi']:+.2f} / {s['gold_length_fit']['phi']:+.2f} |")
-    lines += ["", "### The three biases, before and after their corrections", ""]
+    lines += ["", "\\* over the pairs gold decides; a judge's tie (including every verdict that flips with the order) "
+              "counts as a miss. Length coefficient: phi of the length-controlled fit (tanh of the standardised "
+              "character-length difference), for the judge's verdicts and for the gold labels on the same pairs.",
+              "", "### The three biases, before and after their corrections", ""]
     lines += ["| bias | judge | before correction | after correction | gold |", "|---|---|---|---|---|"]
     for name in ("self", "other"):
         blocks = [b for side, b in judged[name].items() if not side.startswith("_") and b.get("pairs")]
