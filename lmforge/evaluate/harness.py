@@ -55,7 +55,8 @@ from lmforge.infer.scoring import loglikelihood_rolling, loglikelihood_tokens, s
 @dataclass(frozen=True)
 class TasksConfig:
     model: str
-    """Checkpoint directory: lmforge, or any local Hugging Face causal LM."""
+    """Checkpoint directory: lmforge, or any local Hugging Face causal LM; or an OpenAI-compatible server as
+    openai:http://HOST:PORT/v1/MODEL (`lmforge serve`, vLLM, ...), for generation tasks."""
     tasks: str
     """Comma-separated task names, e.g. gsm8k,arc_easy,hellaswag,wikitext2 (an unknown name lists them all)."""
     limit: int = 0
@@ -83,6 +84,8 @@ class TasksConfig:
     bootstrap_iters: int = 1000
     """Resamples for the standard errors of corpus metrics (perplexities)."""
     device: str = "auto"
+    api_key: str = ""
+    """Bearer key for an openai: endpoint started with --api-key."""
     progress: bool = True
     """Show progress bars."""
 
@@ -203,13 +206,35 @@ def evaluate_generation(model, tokenizer, task: Task, docs: list[dict], exemplar
     for start in tqdm(range(0, len(prompts), chunk), desc=task.name, disable=not progress):
         outputs += engine.generate(prompts[start:start + chunk], params)
     n = params.n
+    responses = [[o.text for o in outputs[i * n:(i + 1) * n]] for i in range(len(docs))]
+    return score_generations(task, docs, [tokenizer.decode(p, skip_special=False) for p in prompts], responses)
+
+
+def evaluate_generation_endpoint(endpoint, task: Task, docs: list[dict], exemplars: list[list[dict]],
+                                 params: SamplingParams, chat: bool) -> tuple[dict, list[dict]]:
+    """The same requests sent as text to an OpenAI-compatible server (`EndpointModel`), which applies its own
+    chat template: chat messages through /chat/completions, or the few-shot prompt through /completions."""
+    n = params.n
+    if chat:
+        conversations = [few_shot_messages(doc, ex, task.chat_fmt or task.fmt) for doc, ex in zip(docs, exemplars)]
+        texts = endpoint.chat(conversations, params)
+        shown = [json.dumps(c, ensure_ascii=False) for c in conversations]
+    else:
+        shown = [few_shot_prompt(doc, ex, task.fmt) for doc, ex in zip(docs, exemplars)]
+        texts = endpoint.complete(shown, params)
+    return score_generations(task, docs, shown, [texts[i * n:(i + 1) * n] for i in range(len(docs))])
+
+
+def score_generations(task: Task, docs: list[dict], prompts: list[str],
+                      responses: list[list[str]]) -> tuple[dict, list[dict]]:
+    """Extract and judge each doc's responses (n per doc; above 1, a majority vote too)."""
     records, scores = [], {}
     for i, doc in enumerate(docs):
-        responses = [o.text for o in outputs[i * n:(i + 1) * n]]
-        record = {"doc_id": i, "prompt": tokenizer.decode(prompts[i], skip_special=False),
-                  "responses": responses, "target": doc["target"], "filtered": {}, "metrics": {}}
+        n = len(responses[i])
+        record = {"doc_id": i, "prompt": prompts[i],
+                  "responses": responses[i], "target": doc["target"], "filtered": {}, "metrics": {}}
         for name, extract in task.filters.items():
-            answers = [extract(r) for r in responses]
+            answers = [extract(r) for r in responses[i]]
             record["filtered"][name] = [a if a is not None else "[invalid]" for a in answers]
             record["metrics"][f"{task.metric},{name}"] = float(task.judge(doc, answers[0]))
             if n > 1:  # self-consistency: the most common answer among the samples
@@ -307,9 +332,20 @@ def run(cfg: TasksConfig) -> dict:
     from lmforge.train.loop import pick_device
 
     tasks = _check(cfg)  # an unknown name fails before the model is loaded
-    model, tokenizer = load_model(cfg.model, device=pick_device(cfg.device))
-    model.eval()
-    chat = use_chat(cfg.chat, cfg.model, tokenizer)
+    endpoint = model = None
+    if cfg.model.startswith("openai:"):
+        from lmforge.serve.client import EndpointModel, parse_endpoint
+
+        scored = [t.name for t in tasks if t.kind != "generate"]
+        if scored:
+            raise BadConfigError(f"{', '.join(scored)}: log-likelihood tasks need the model's own probabilities; "
+                                 "an OpenAI-compatible endpoint runs generation tasks only")
+        endpoint = EndpointModel(*parse_endpoint(cfg.model), api_key=cfg.api_key or None)
+        chat = cfg.chat != "no"  # the server applies the model's chat template
+    else:
+        model, tokenizer = load_model(cfg.model, device=pick_device(cfg.device))
+        model.eval()
+        chat = use_chat(cfg.chat, cfg.model, tokenizer)
     sources = Sources(data_root(cfg.data_dir), cfg.world_seed, max(cfg.limit, WORLD_TEST_RECORDS))
     results = {"results": {}, "n-shot": {}, "n-samples": {}, "chance": {}, "sampling": {}, "notes": {},
                "seconds": {}, "model": cfg.model, "chat_template": chat, "config": asdict(cfg),
@@ -332,11 +368,15 @@ def run(cfg: TasksConfig) -> dict:
                                                             cfg.batch_size, cfg.progress)
                 results["chance"][task.name] = float(np.mean([1 / len(d["choices"]) for d in docs]))
             elif task.kind == "generate":
+                max_new = cfg.max_gen_tokens or task.max_gen_tokens
                 params = SamplingParams(
-                    max_new_tokens=min(cfg.max_gen_tokens or task.max_gen_tokens, model.cfg.max_seq_len // 2),
+                    max_new_tokens=max_new if endpoint else min(max_new, model.cfg.max_seq_len // 2),
                     temperature=cfg.temperature, stop=() if chat else task.stop, seed=cfg.seed, n=cfg.num_samples)
-                metrics, records = evaluate_generation(model, tokenizer, task, docs, exemplars, params, chat,
-                                                       cfg.batch_size, cfg.progress)
+                if endpoint:
+                    metrics, records = evaluate_generation_endpoint(endpoint, task, docs, exemplars, params, chat)
+                else:
+                    metrics, records = evaluate_generation(model, tokenizer, task, docs, exemplars, params, chat,
+                                                           cfg.batch_size, cfg.progress)
                 results["sampling"][task.name] = asdict(params)
             else:
                 metrics, records = evaluate_rolling(model, tokenizer, task, docs, cfg.bootstrap_iters, cfg.seed,

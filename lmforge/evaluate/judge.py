@@ -20,7 +20,8 @@ biases of such judges are measured and corrected.
   the fallback); unparseable ratings are counted and left out of the mean.
 
 A judge is anything that maps prompts to replies (`ReplyFn`): an lmforge checkpoint or a local Hugging Face
-model (`model_reply_fn`), or a function in tests. Judging is greedy (T = 0).
+model (`model_reply_fn`), an OpenAI-compatible server (`endpoint_reply_fn`), or a function in tests. Judging is
+greedy (T = 0).
 """
 
 from __future__ import annotations
@@ -227,10 +228,28 @@ def model_reply_fn(model, tokenizer, max_new_tokens: int = 16, batch_size: int =
     return reply
 
 
-def load_judge(path: str, max_new_tokens: int, device: str = "auto") -> ReplyFn:
+def endpoint_reply_fn(endpoint, max_new_tokens: int = 16) -> ReplyFn:
+    """Greedy replies from an OpenAI-compatible server (`lmforge.serve.client.EndpointModel`), sent
+    concurrently so a batching server judges them together."""
+    from lmforge.infer.sampling import SamplingParams
+
+    def reply(prompts: list[str]) -> list[str]:
+        return [text.strip() for text in endpoint.chat([[{"role": "user", "content": p}] for p in prompts],
+                                                       SamplingParams(temperature=0, max_new_tokens=max_new_tokens))]
+
+    reply.truncated = 0  # the server refuses a prompt that does not fit rather than cutting it
+    return reply
+
+
+def load_judge(path: str, max_new_tokens: int, device: str = "auto", api_key: str = "") -> ReplyFn:
+    """A judge from a checkpoint directory, or from a server given as openai:http://HOST:PORT/v1/MODEL."""
     from lmforge.hf import load_model
     from lmforge.train.loop import pick_device
 
+    if path.startswith("openai:"):
+        from lmforge.serve.client import EndpointModel, parse_endpoint
+
+        return endpoint_reply_fn(EndpointModel(*parse_endpoint(path), api_key=api_key or None), max_new_tokens)
     if not Path(path).exists():
         raise BadFileError(f"{path}: no such judge model directory")
     model, tokenizer = load_model(path, device=pick_device(device))
@@ -245,7 +264,10 @@ def load_judge(path: str, max_new_tokens: int, device: str = "auto") -> ReplyFn:
 @dataclass(frozen=True)
 class JudgeConfig:
     model: str = ""
-    """The judge: an lmforge checkpoint or a local Hugging Face model directory with a chat template."""
+    """The judge: an lmforge checkpoint or a local Hugging Face model directory with a chat template, or an
+    OpenAI-compatible server as openai:http://HOST:PORT/v1/MODEL (e.g. `lmforge serve`)."""
+    api_key: str = ""
+    """Bearer key for an openai: judge whose server was started with --api-key."""
     a: str = ""
     """JSONL of answers: {prompt (or instruction [+ input]), output (or response)}, optional `gold` (a number:
     the gold score of that answer) and `generator`."""
@@ -327,7 +349,7 @@ def run_judge(cfg: JudgeConfig) -> dict:
         raise BadConfigError(f"--self-side must be a or b, got {cfg.self_side!r}")
     rows_a = read_answers(cfg.a)
     rows_b = pair_up(rows_a, read_answers(cfg.b), cfg.b) if cfg.mode == "pairwise" else []
-    reply_fn = load_judge(cfg.model, cfg.max_new_tokens, cfg.device)
+    reply_fn = load_judge(cfg.model, cfg.max_new_tokens, cfg.device, cfg.api_key)
     if cfg.mode == "single":
         result = rate_answers(reply_fn, [r["prompt"] for r in rows_a], [r["output"] for r in rows_a])
         _write_json(cfg.out, result)
