@@ -49,6 +49,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
                  "LLM-as-judge: pairwise (both orders) or single-score, with position, length and self-preference figures"),
     ("arena", "rate"): ("lmforge.evaluate.arena:RateConfig", "lmforge.evaluate.arena:run_rate",
                         "arena battles -> online Elo and Bradley-Terry ratings with bootstrap intervals and ranks"),
+    ("arena", "export"): ("lmforge.serve.store:ExportConfig", "lmforge.serve.store:run_export",
+                          "the arena's decisive votes as {prompt, chosen, rejected} preference JSONL"),
     ("serve",): ("lmforge.serve.api:ServeConfig", "lmforge.serve.api:serve",
                  "OpenAI-compatible HTTP server (completions, chat, streaming) with continuous batching"),
     ("data", "self-instruct"): ("lmforge.apps.self_instruct:SelfInstructConfig",
