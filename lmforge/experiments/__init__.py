@@ -25,6 +25,8 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
                        "PPO against a weak reward model with and without the KL penalty: proxy up, gold down?"),
     "judge-bias": ("lmforge.experiments.judge_bias",
                    "LLM-as-judge: a trained judge's position, length and self-preference biases, and arena ratings"),
+    "synthetic-data": ("lmforge.experiments.synthetic_data",
+                       "Self-Instruct with the SFT model, AlpaGasus curation: seeds vs all vs curated vs random data"),
     "scaling": ("lmforge.experiments.scaling", "scaling laws: L(N), L(D), L(N, D) fits and a held-out prediction"),
     "emergence": ("lmforge.experiments.emergence", "in-context learning and chain-of-thought against model size"),
 }
