@@ -173,3 +173,21 @@ def test_cli_bad_input_names_the_file_and_line(tmp_path, trained_checkpoint, cap
     assert main(["judge", "--model", str(tmp_path / "nowhere"), "--a", str(tmp_path / "a.jsonl"),
                  "--mode", "single"]) == 2
     assert "no such judge" in capsys.readouterr().err
+
+
+def test_a_hugging_face_directory_judges_like_the_same_weights_in_lmforge(trained_checkpoint, tmp_path):
+    """A checkpoint without lmforge's record is read as a plain Hugging Face model with its own tokenizer and
+    chat template; greedy verdicts match the native load of the same weights."""
+    import shutil
+
+    from lmforge.checkpoint import load_checkpoint
+    from lmforge.evaluate.judge import load_judge
+
+    hf_dir = tmp_path / "hf_judge"
+    shutil.copytree(trained_checkpoint, hf_dir)
+    (hf_dir / "lmforge.json").unlink()
+    model, tokenizer, _ = load_checkpoint(trained_checkpoint)
+    args = (["Where?"] * 2, ["Velmora.", "Soup."], ["The mat.", "Apples."])
+    native = judge_pairs(model_reply_fn(model.eval(), tokenizer, max_new_tokens=6), *args)
+    hf = judge_pairs(load_judge(str(hf_dir), max_new_tokens=6, device="cpu"), *args)
+    assert [(r["reply_ab"], r["reply_ba"]) for r in hf] == [(r["reply_ab"], r["reply_ba"]) for r in native]
