@@ -328,6 +328,7 @@ def run(cfg: Config) -> dict:
         "instruction_funnel": dict(funnel), "instance_fates": dict(instance_fates),
         "truncated_prompts": complete_fn.truncated,
         "synthetic": len(synthetic), "examples_of_synthetic": synthetic[:6],
+        "synthetic_task_types": dict(Counter(r["meta"]["cluster"] for r in synthetic)),
         "rater": {"examples": len(examples), "labels": dict(rater_labels)},
         "curation": summary,
         "gold_correct": {"all": sum(gold_all) / len(gold_all),
@@ -359,8 +360,9 @@ def section(results: dict, run_dir: Path) -> list[str]:
         f"{results['seeds']} world-written seed tasks from the held-in clusters ({', '.join(results['held_in_clusters'])}); "
         f"held out: {', '.join(cfg['heldout_clusters'])}. The SFT model continued numbered instruction lists: "
         + ", ".join(f"{k} {v}" for k, v in funnel.items())
-        + f". {results['synthetic']} synthetic examples (world inputs, the SFT model's answers); the world's scorer "
-        f"accepts {100 * gold['all']:.1f}% of their outputs.", "",
+        + f". {results['synthetic']} synthetic examples (world inputs, the SFT model's answers), typed by their nearest "
+        "seed as " + ", ".join(f"{k} {v}" for k, v in results.get("synthetic_task_types", {}).items())
+        + f"; the world's scorer accepts {100 * gold['all']:.1f}% of their outputs.", "",
         f"Curation: a rater trained on {results['rater']['examples']} of the SFT model's own answers labelled by the "
         f"world's scorer ({results['rater']['labels']}) scored every example; {cur['kept']} kept at >= {cur['threshold']:g}, "
         f"{cur['dropped']} dropped, {cur['unparseable']} unparseable. Outputs the scorer accepts: "
@@ -375,6 +377,18 @@ def section(results: dict, run_dir: Path) -> list[str]:
             continue
         lines.append(f"| {name} | {v['examples']} | {_acc(v['held_in'])} | {_acc(v['held_out'])} | "
                      f"{v['train_seconds']:.0f} s |")
+    named = [n for n, v in results["variants"].items() if v.get("examples")]
+    if named:
+        clusters = list(results["variants"][named[0]]["clusters"])
+        lines += ["", "Per cluster (held-out clusters marked *):", "",
+                  "| data | " + " | ".join(c + ("" if c in results["held_in_clusters"] else "*") for c in clusters) + " |",
+                  "|---" * (len(clusters) + 1) + "|"]
+        lines += [f"| {n} | " + " | ".join(f"{100 * results['variants'][n]['clusters'][c]:.0f}%" for c in clusters)
+                  + " |" for n in named]
+        missing = [c for c in results["held_in_clusters"] if c not in results.get("synthetic_task_types", {c: 1})]
+        if missing:
+            lines += ["", f"No synthetic example was typed as {', '.join(missing)}, so the synthetic variants never "
+                      "saw such a task; the seeds did."]
     cmp_ = results["curated_minus_all"]
     if cmp_:
         h, o = cmp_["held_in"], cmp_["held_out"]
