@@ -58,6 +58,12 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
                                 "Self-Instruct: seed tasks -> generated instructions and instances, filtered, with a funnel"),
     ("data", "curate"): ("lmforge.apps.curate:CurateConfig", "lmforge.apps.curate:run_curate",
                          "AlpaGasus curation: a judge rates each example 0-5; keep those at or above a threshold"),
+    ("rag", "index"): ("lmforge.apps.rag:IndexConfig", "lmforge.apps.rag:run_index",
+                       "retrieval index of a document collection: BM25, dense (a model's mean-pooled states), hybrid"),
+    ("rag", "ask"): ("lmforge.apps.rag:AskConfig", "lmforge.apps.rag:run_ask",
+                     "answer questions with retrieved passages in the prompt, citing the passages used"),
+    ("detect",): ("lmforge.apps.detect:DetectConfig", "lmforge.apps.detect:run_detect",
+                  "AI-text detection scores (likelihood, log-rank, GLTR buckets, Binoculars) with AUROC and TPR@1%FPR"),
     ("info",): ("lmforge.cli:InfoConfig", "lmforge.cli:info",
                 "parameters and FLOPs of a preset or a checkpoint"),
 }

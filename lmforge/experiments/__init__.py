@@ -27,6 +27,12 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
                    "LLM-as-judge: a trained judge's position, length and self-preference biases, and arena ratings"),
     "synthetic-data": ("lmforge.experiments.synthetic_data",
                        "Self-Instruct with the SFT model, AlpaGasus curation: seeds vs all vs curated vs random data"),
+    "rag": ("lmforge.experiments.rag",
+            "RAG: accuracy and hallucination with and without retrieval, on held-out and pretraining facts"),
+    "jailbreak": ("lmforge.experiments.jailbreak",
+                  "jailbreak attacks on the vault codes: success rate per attack family and per checkpoint"),
+    "detect": ("lmforge.experiments.detect",
+               "AI-text detection: world text vs model samples, and human text vs model samples"),
     "scaling": ("lmforge.experiments.scaling", "scaling laws: L(N), L(D), L(N, D) fits and a held-out prediction"),
     "emergence": ("lmforge.experiments.emergence", "in-context learning and chain-of-thought against model size"),
 }
