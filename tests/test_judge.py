@@ -10,7 +10,7 @@ import pytest
 
 from lmforge.cli import main
 from lmforge.evaluate.judge import (gold_outcome, judge_pairs, length_controlled_win_rate, model_reply_fn,
-                                    pair_prompt, pairwise_summary, parse_rating, parse_verdict, position_figures,
+                                    pairwise_summary, parse_rating, parse_verdict, position_figures,
                                     rate_answers, self_preference, win_rate)
 
 

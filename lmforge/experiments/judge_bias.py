@@ -111,7 +111,6 @@ def judge_examples(records: list[dict], candidates: list[list[str]], max_pairs: 
     """Chat examples: the compact pair prompt for up to `max_pairs` pairs of distinct candidates per record,
     sides drawn at random, answered with the oracle's verdict."""
     from lmforge.data.oracle import gold_score
-    from lmforge.data.world_tasks import prompt_text
     from lmforge.evaluate.judge import compact_pair_prompt
 
     examples = []
