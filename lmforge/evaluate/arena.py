@@ -52,7 +52,8 @@ REQUIRED_FIELDS = ("model_a", "model_b", "winner")
 @dataclass(frozen=True)
 class RateConfig:
     battles: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="BATTLES.jsonl")]
-    """JSONL file of battles: {model_a, model_b, winner}, winner one of model_a, model_b, tie, tie (bothbad)."""
+    """JSONL file of battles: {model_a, model_b, winner}, winner one of model_a, model_b, tie, tie (bothbad);
+    or the SQLite vote store of `lmforge serve --store`."""
     rounds: int = 100
     """Bootstrap rounds for the 95% intervals."""
     seed: int = 0
@@ -68,12 +69,24 @@ class RateConfig:
 # --- reading battles --------------------------------------------------------------------------------------
 
 def read_battles(path: str | Path) -> list[dict]:
-    """Battles from a JSONL file, every field kept (len_a, len_b, prompt, tstamp, ...). Blank lines are
-    skipped. When every battle has a numeric `tstamp` they are sorted by it (stably), since online Elo must
-    see battles in the order they happened; otherwise file order is kept."""
+    """Battles from a JSONL file, every field kept (len_a, len_b, prompt, tstamp, ...), or from the vote store
+    that `lmforge serve --store` writes (a SQLite file). Blank lines are skipped. When every battle has a
+    numeric `tstamp` they are sorted by it (stably), since online Elo must see battles in the order they
+    happened; otherwise file order is kept."""
     path = Path(path)
     if not path.is_file():
         raise BadFileError(f"{path}: no such file")
+    with path.open("rb") as f:
+        is_vote_store = f.read(16) == b"SQLite format 3\x00"
+    battles = _battles_from_vote_store(path) if is_vote_store else _battles_from_jsonl(path)
+    if not battles:
+        raise BadFileError(f"{path}: no battles in the file")
+    if all(isinstance(b.get("tstamp"), (int, float)) and not isinstance(b["tstamp"], bool) for b in battles):
+        battles.sort(key=lambda b: b["tstamp"])
+    return battles
+
+
+def _battles_from_jsonl(path: Path) -> list[dict]:
     battles = []
     with path.open(encoding="utf-8") as f:
         for line_number, line in enumerate(f, start=1):
@@ -98,11 +111,24 @@ def read_battles(path: str | Path) -> list[dict]:
             if battle["model_a"] == battle["model_b"]:
                 raise BadFileError(f"{where}: fields 'model_a' and 'model_b' are both {battle['model_a']!r}")
             battles.append(battle)
-    if not battles:
-        raise BadFileError(f"{path}: no battles in the file")
-    if all(isinstance(b.get("tstamp"), (int, float)) and not isinstance(b["tstamp"], bool) for b in battles):
-        battles.sort(key=lambda b: b["tstamp"])
     return battles
+
+
+def _battles_from_vote_store(path: Path) -> list[dict]:
+    """The store's `rated_battles` view: anonymous votes between two different models, oldest first. The
+    store (serve/store.py) owns the schema; this reads only the view, opened read-only."""
+    import sqlite3
+
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            db.row_factory = sqlite3.Row
+            rows = db.execute("SELECT * FROM rated_battles ORDER BY tstamp").fetchall()
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as e:
+        raise BadFileError(f"{path}: a SQLite file but not an lmforge vote store ({e})") from None
+    return [dict(row) for row in rows]
 
 
 def _index(battles: list[dict]) -> tuple[list[str], np.ndarray, np.ndarray]:

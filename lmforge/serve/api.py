@@ -10,6 +10,8 @@ Endpoints (the decoding reference §8 has the schemas):
   `frequency_penalty`, `stream` with `stream_options.include_usage`, and, as vLLM takes them, `top_k`, `min_p`,
   `repetition_penalty`, `ignore_eos` and `stop_token_ids` at the top level (`extra_body=` in the openai client).
 - `GET /health` (no key needed): running and queued sequences per model, and the engine's step count.
+- Web pages: a chat at `/`, an anonymous arena at `/arena`, ratings at `/leaderboard`, and the `/api` they use,
+  over the SQLite store of `--store` (web.py, store.py).
 - Streaming is server-sent events: `data: <chunk>` per event, each choice's text in `choices[].delta.content`
   (`choices[].text` for completions), one chunk per choice with a `finish_reason`, an optional usage chunk, then
   `data: [DONE]`.
@@ -49,6 +51,7 @@ from lmforge.errors import BadConfigError, UserError
 from lmforge.infer.engine import Delta, Engine
 from lmforge.infer.sampling import SamplingParams
 from lmforge.serve.batcher import Batcher, EngineFailure, QueueFull, Submission
+from lmforge.serve.store import DEFAULT_STORE
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,9 @@ class ServeConfig:
     device: str = "auto"
     access_log: bool = True
     """Log one line per request."""
+    store: str = DEFAULT_STORE
+    """SQLite file of the chat page's conversations and the arena's battles and votes (created at first use;
+    relative paths are from the working directory, where `lmforge arena export` looks by default)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -585,6 +591,9 @@ def build_app(models: dict[str, ServedModel], cfg: ServeConfig) -> FastAPI:
         return {"status": "ok", "active": sum(m["active"] for m in per_model.values()),
                 "queued": sum(m["queued"] for m in per_model.values()), "models": per_model}
 
+    from lmforge.serve.web import add_web_routes  # web.py builds on this module's request handling
+
+    add_web_routes(app, models, cfg, check_api_key)
     return app
 
 
@@ -601,6 +610,8 @@ def serve(cfg: ServeConfig) -> None:
     app = build_app(models, cfg)
     for m in models.values():
         print(f"serving {m.name!r} ({m.path}, context {m.max_len}) at http://{cfg.host}:{cfg.port}/v1", flush=True)
+    print(f"chat at http://{cfg.host}:{cfg.port}/, arena at /arena, leaderboard at /leaderboard "
+          f"(conversations and votes in {cfg.store})", flush=True)
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
         print("warning: listening beyond this machine without --api-key", flush=True)
     try:
