@@ -28,7 +28,7 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
     "synthetic-data": ("lmforge.experiments.synthetic_data",
                        "Self-Instruct with the SFT model, AlpaGasus curation: seeds vs all vs curated vs random data"),
     "rag": ("lmforge.experiments.rag",
-            "RAG: accuracy and hallucination with and without retrieval, on held-out and pretraining facts"),
+            "RAG: accuracy and hallucination with and without retrieval, on held-out and on seen facts"),
     "jailbreak": ("lmforge.experiments.jailbreak",
                   "jailbreak attacks on the vault codes: success rate per attack family and per checkpoint"),
     "detect": ("lmforge.experiments.detect",

@@ -23,12 +23,13 @@
   passage about someone else and answer "The passages do not say." Each model answers every question
   closed-book (the SFT task wording, "Answer in a few words.") and with RAG (`apps.rag.RAG_TEMPLATE`, the top
   `passages_in_prompt` passages), greedily.
-- **Sizing, measured** on the default run (a 1M-parameter model, reading held-out people's passages, gold
-  passage given): reading examples about the 64 train-split people alone are memorised, not learned (the
-  reader answered with train people's names, 5-10% correct after 400 steps); adding invented people fixed it
-  (83% after 600 steps, `lr` 1e-3), except for friends' names, which the model would have to spell from a
-  passage without having seen them (0%). With two passages in the prompt the reader could not tell which one
-  is about the asked person (9% correct, 28% misread after 500 steps), so one passage is the default.
+- **Sizing, measured** in development runs on the default run's 0.9M-parameter SFT model (held-out questions,
+  the person's passage in the prompt): reading examples about the 64 train-split people alone did not teach
+  reading (5-10% correct after 150-400 steps; asked to answer with the biography's sentence rather than the
+  bare value, the reader wrote train people's names). Adding invented people did: 83% after 600 steps of
+  reading examples alone at lr 1e-3 (lr 3e-3: 14% after 300), friends' names aside (0%: a name the model has
+  never seen must be spelled out from the passage). With two passages in the prompt the reader could not tell
+  which one is about the asked person (9% correct, 28% misread after 500 steps), so one passage is the default.
 - **Outcomes** (`apps.rag.judge_answer`, a lexical judge, no model): the claims of an answer are the values of
   the asked relation it names (any town for a birth town, any job for a job, ...), or its whole text if it
   names none. *Correct*: its claims are exactly the true value. *Hallucinated*: it claims a value that is
